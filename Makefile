@@ -1,0 +1,35 @@
+# livecomments: `make` lists the targets. Every target bootstraps .venv on its own.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint typecheck fmt clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP) ## Start the service on SQLite (no other service needed) and print its URL
+	$(BIN)/livecomments serve
+
+test: $(STAMP) ## Run the whole test suite, fault tests included
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff and mypy --strict
+	$(BIN)/ruff check livecomments tests
+	$(BIN)/ruff format --check livecomments tests
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## Format the code with ruff
+	$(BIN)/ruff format livecomments tests
+	$(BIN)/ruff check --fix livecomments tests
+
+clean: ## Remove the virtualenv and local data
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""`python -m livecomments serve`."""
+
+import sys
+
+from livecomments.cli import main
+
+sys.exit(main())

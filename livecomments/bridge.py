@@ -1,0 +1,76 @@
+"""The seam between one instance's hub and the others: where live traffic crosses processes.
+
+The hub delivers every comment to its own sockets itself, then hands the same encoded bytes to
+`Bridge.publish`. A bridge carries them to the other instances and calls `HubListener.deliver`
+there; it must never hand an instance back its own publications (the hub already delivered them).
+
+`MemoryBridge` is the single-instance bridge: there is nobody else, so it carries nothing. The
+Redis bridge (redis_bridge.py) implements the same protocol across hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import Protocol
+
+from livecomments.config import RedisSettings
+
+
+class HubListener(Protocol):
+    """What a bridge may call on the hub."""
+
+    def deliver(self, post_id: str, payload: bytes) -> None:
+        """Fan a remote instance's encoded event out to local sockets. Never awaits."""
+
+    def resync(self, post_ids: Iterable[str]) -> None:
+        """Tell local subscribers of these posts they may have missed comments."""
+
+    def local_posts(self) -> Collection[str]:
+        """Posts with local subscribers: what a reconnecting bridge must subscribe to again."""
+
+
+class Bridge(Protocol):
+    async def start(self, listener: HubListener) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def subscribe(self, post_id: str) -> None:
+        """Receive other instances' events for `post_id` from now on. Raises if it cannot."""
+
+    async def unsubscribe(self, post_id: str) -> None: ...
+
+    def publish(self, post_id: str, payload: bytes) -> None:
+        """Send an encoded event to the other instances. Never awaits, never raises: the comment
+        is already durable and delivered locally, so a failure here is retried or counted."""
+
+    def status(self) -> dict[str, object]:
+        """For /readyz: `{"status": "ok" | "degraded" | ..., ...details}`."""
+
+    async def reconfigure(self, settings: RedisSettings) -> None:
+        """SIGHUP with a new `redis.urls`: move the posts whose node changed, keep sockets."""
+
+
+class MemoryBridge:
+    """One instance, nothing to bridge: every subscriber is local and already served."""
+
+    async def start(self, listener: HubListener) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def subscribe(self, post_id: str) -> None:
+        pass
+
+    async def unsubscribe(self, post_id: str) -> None:
+        pass
+
+    def publish(self, post_id: str, payload: bytes) -> None:
+        pass
+
+    def status(self) -> dict[str, object]:
+        return {"status": "ok", "kind": "memory"}
+
+    async def reconfigure(self, settings: RedisSettings) -> None:
+        if settings.urls:
+            raise ValueError("redis.urls: switching from one instance to Redis needs a restart")

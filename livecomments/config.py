@@ -1,0 +1,243 @@
+"""Settings: `config.toml`, overridden key by key by `LIVECOMMENTS_<SECTION>_<KEY>` variables.
+
+Every key has a default here and a documented line in the root `config.toml`; a key that is
+unknown, of the wrong type or out of range raises `ConfigError` naming it, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "LIVECOMMENTS_"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ConfigError(Exception):
+    """A setting is unusable; the message names the key (`section.key`) and why."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # 0-1023; part of every comment id, so it must differ between instances sharing a store.
+    instance_id: int = 0
+    # Seconds SIGTERM waits for sockets to close and the queue to flush before exiting.
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str = "sqlite:///data/comments.db"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    dir: str = "data/queue"
+    # Upper bound on unflushed comment bytes; past it POST answers 503 + Retry-After.
+    max_bytes: int = 256 * 1024 * 1024
+    # Comments moved to the store per flush.
+    flush_batch: int = 1000
+    # Cap of the flusher's retry backoff, seconds.
+    retry_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    id_max_chars: int = 64
+    message_max_chars: int = 2000
+    body_max_bytes: int = 16 * 1024
+    ws_frame_max_bytes: int = 16 * 1024
+    page_default: int = 50
+    page_max: int = 200
+    posts_per_socket: int = 100
+    # Posts one instance follows at once (each is a Pub/Sub channel when Redis is on).
+    posts_per_instance: int = 100_000
+    max_connections: int = 20_000
+
+
+@dataclass(frozen=True)
+class WebSocketSettings:
+    # Seconds between server pings; a peer that misses a pong for half of it is dropped.
+    heartbeat: float = 30.0
+    # Per-socket outbox caps; a socket over either is closed as a slow consumer (4008).
+    outbox_max_messages: int = 1024
+    outbox_max_bytes: int = 1024 * 1024
+    # permessage-deflate; off by default because it compresses each message once per socket.
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    # Redis servers carrying live traffic between instances, e.g. ["redis://127.0.0.1:6379/0"].
+    # Empty: a single instance with the in-memory bridge. Posts are spread over them by ring.py.
+    urls: list[str] = field(default_factory=list)
+    # Seconds between liveness probes of each Pub/Sub connection; a connection that does not
+    # echo a probe within this interval is re-established (and its posts get `resync`).
+    probe_interval: float = 5.0
+    # Encoded events waiting to be published, per Redis server; past it the oldest are dropped.
+    publish_buffer: int = 10_000
+    # Seconds a failed publish is retried before it is counted as dropped.
+    publish_retry: float = 10.0
+    # Seconds to connect to / wait on a Redis command (not the Pub/Sub read, which blocks).
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: LogLevel = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+# Range checks, by `section.key`: (minimum, maximum), inclusive.
+_RANGES: dict[str, tuple[float, float]] = {
+    "server.port": (0, 65535),
+    "server.instance_id": (0, 1023),
+    "server.shutdown_timeout": (0, 3600),
+    "queue.max_bytes": (1024, 1 << 50),
+    "queue.flush_batch": (1, 100_000),
+    "queue.retry_max": (0.01, 3600),
+    "limits.id_max_chars": (1, 256),
+    "limits.message_max_chars": (1, 100_000),
+    "limits.body_max_bytes": (256, 16 * 1024 * 1024),
+    "limits.ws_frame_max_bytes": (256, 16 * 1024 * 1024),
+    "limits.page_default": (1, 10_000),
+    "limits.page_max": (1, 10_000),
+    "limits.posts_per_socket": (1, 100_000),
+    "limits.posts_per_instance": (1, 10_000_000),
+    "limits.max_connections": (1, 1_000_000),
+    "redis.probe_interval": (0.05, 3600),
+    "redis.publish_buffer": (1, 10_000_000),
+    "redis.publish_retry": (0, 3600),
+    "redis.timeout": (0.05, 600),
+    "websocket.heartbeat": (0.1, 3600),
+    "websocket.outbox_max_messages": (1, 1_000_000),
+    "websocket.outbox_max_bytes": (1024, 1 << 32),
+}
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read `path` (if given), then apply `LIVECOMMENTS_*` variables over it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    env = os.environ if environ is None else environ
+    return _build(raw, env)
+
+
+def _build(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{name}: unknown section")
+    for name, fld in known.items():
+        cls = fld.type if isinstance(fld.type, type) else get_type_hints(Settings)[name]
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table")
+        sections[name] = _build_section(name, cls, table, env)
+    settings = Settings(**sections)
+    _check_relations(settings)
+    return settings
+
+
+def _build_section(section: str, cls: type, table: dict[str, Any], env: Mapping[str, str]) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown key")
+    values: dict[str, Any] = {}
+    for key in names:
+        dotted = f"{section}.{key}"
+        env_name = f"{ENV_PREFIX}{section}_{key}".upper()
+        if env_name in env:
+            values[key] = _from_env(dotted, hints[key], env[env_name])
+        elif key in table:
+            values[key] = _coerce(dotted, hints[key], table[key])
+    return cls(**values)
+
+
+def _from_env(dotted: str, hint: Any, text: str) -> Any:
+    """Environment values are strings; turn them into the key's type before checking it."""
+    if get_origin(hint) is list:
+        return _coerce(dotted, hint, [p.strip() for p in text.split(",") if p.strip()])
+    if hint is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{dotted}: expected true or false, got {text!r}")
+    if hint in (int, float):
+        try:
+            return _coerce(dotted, hint, hint(text))
+        except ValueError:
+            raise ConfigError(f"{dotted}: expected a number, got {text!r}") from None
+    return _coerce(dotted, hint, text)
+
+
+def _coerce(dotted: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{dotted}: expected a list of {item.__name__}")
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{dotted}: expected {hint.__name__}, got {value!r}")
+    if dotted in _RANGES:
+        low, high = _RANGES[dotted]
+        if not low <= value <= high:
+            raise ConfigError(f"{dotted}: must be between {low:g} and {high:g}, got {value!r}")
+    return value
+
+
+def _check_relations(s: Settings) -> None:
+    if s.limits.page_default > s.limits.page_max:
+        raise ConfigError("limits.page_default: must not exceed limits.page_max")
+    if not s.store.url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise ConfigError(
+            f"store.url: expected sqlite:///path or postgresql://..., got {s.store.url!r}"
+        )
+    if not s.queue.dir:
+        raise ConfigError("queue.dir: must not be empty")
+    for url in s.redis.urls:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis.urls: expected redis://host:port[/db], got {url!r}")
+    if len(set(s.redis.urls)) != len(s.redis.urls):
+        raise ConfigError("redis.urls: lists the same server twice")

@@ -1,0 +1,185 @@
+"""The hub: which local sockets watch which post, and the fan-out of each comment to them.
+
+Guarantees:
+
+* `publish()` encodes the event once and offers the same bytes to every local subscriber of the
+  post, without awaiting (see conn.py: each socket has its own bounded outbox and writer), then
+  hands the bytes to the bridge for the other instances. A slow socket is cut, not waited for.
+* Per post, the first local subscriber subscribes the bridge and the last one unsubscribes it.
+  Those transitions await the bridge, so they are serialised by a per-post lock; a failed bridge
+  subscribe is rolled back (the caller gets the error) and the last unsubscribe re-checks, under
+  the lock, that the post is still empty. Publishing and delivering never take the lock.
+* Ordering: comments accepted by this instance reach each local socket in the order they were
+  accepted; remote comments in the order the bridge delivers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection, Iterable
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import orjson
+
+from livecomments.bridge import Bridge
+from livecomments.comment import Comment
+from livecomments.config import RedisSettings
+from livecomments.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a socket (conn.Conn; tests use a fake)."""
+
+    def offer(self, payload: bytes) -> bool: ...
+
+
+class TooManyPosts(Exception):
+    """This instance already follows its configured maximum of posts."""
+
+
+def comment_event(comment: Comment) -> bytes:
+    return orjson.dumps({"type": "comment", "comment": comment.to_wire()})
+
+
+def resync_event(post_id: str) -> bytes:
+    return orjson.dumps({"type": "resync", "post_id": post_id})
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, alive only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class Hub:
+    def __init__(self, bridge: Bridge, metrics: Metrics, max_posts: int = 1_000_000) -> None:
+        self._bridge = bridge
+        self._metrics = metrics
+        self._max_posts = max_posts
+        self._posts: dict[str, set[Subscriber]] = {}
+        # Posts the bridge is subscribed to. A post is here only while it has, or is getting,
+        # local subscribers; the fast path of subscribe() trusts it without taking the lock.
+        self._bridged: set[str] = set()
+        self._locks = _KeyedLocks()
+
+    async def start(self) -> None:
+        await self._bridge.start(self)
+
+    async def stop(self) -> None:
+        await self._bridge.stop()
+
+    async def reconfigure(self, settings: RedisSettings) -> None:
+        await self._bridge.reconfigure(settings)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    async def subscribe(self, sub: Subscriber, post_id: str) -> None:
+        """Add `sub` to the post's audience; the bridge follows the post before this returns."""
+        local = self._posts.get(post_id)
+        if local is not None and post_id in self._bridged:
+            local.add(sub)
+            return
+        async with self._locks.hold(post_id):
+            local = self._posts.setdefault(post_id, set())
+            if post_id not in self._bridged:
+                try:
+                    if len(self._bridged) >= self._max_posts:
+                        raise TooManyPosts(f"this instance follows {self._max_posts} posts")
+                    await self._bridge.subscribe(post_id)
+                except BaseException:
+                    if not local:  # roll back: nobody else joined while we waited
+                        del self._posts[post_id]
+                    raise
+                self._bridged.add(post_id)
+            local.add(sub)
+
+    async def unsubscribe(self, sub: Subscriber, post_id: str) -> None:
+        local = self._posts.get(post_id)
+        if local is None or sub not in local:
+            return
+        local.discard(sub)
+        if local:
+            return
+        async with self._locks.hold(post_id):
+            local = self._posts.get(post_id)
+            if local:  # someone subscribed while we waited for the lock: keep following
+                return
+            if post_id in self._bridged:
+                # Out of _bridged before the await, so a subscriber arriving meanwhile takes
+                # the locked path and re-subscribes the bridge after us instead of trusting it.
+                self._bridged.discard(post_id)
+                try:
+                    await self._bridge.unsubscribe(post_id)
+                except Exception as e:
+                    # The bridge forgets the post either way: after a reconnect it follows
+                    # only local_posts(), which no longer has it.
+                    log.warning("hub: bridge unsubscribe %s failed: %s", post_id, e)
+            if post_id in self._posts and not self._posts[post_id]:
+                del self._posts[post_id]
+
+    async def leave(self, sub: Subscriber, post_ids: Iterable[str]) -> None:
+        """A socket closed: drop it from every post it watched."""
+        for post_id in list(post_ids):
+            await self.unsubscribe(sub, post_id)
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def publish(self, comment: Comment) -> None:
+        """Deliver an accepted comment here and to every other instance. Never awaits."""
+        payload = comment_event(comment)
+        self.deliver(comment.post_id, payload)
+        self._bridge.publish(comment.post_id, payload)
+
+    def deliver(self, post_id: str, payload: bytes) -> None:
+        subs = self._posts.get(post_id)
+        if not subs:
+            return
+        delivered = 0
+        for sub in subs:
+            delivered += sub.offer(payload)
+        self._metrics.inc("deliveries_total", delivered)
+
+    def resync(self, post_ids: Iterable[str]) -> None:
+        for post_id in post_ids:
+            if self._posts.get(post_id):
+                self.deliver(post_id, resync_event(post_id))
+                self._metrics.inc("resyncs_total", len(self._posts[post_id]))
+
+    # -- for the bridge and for status ---------------------------------------------------------
+
+    def local_posts(self) -> Collection[str]:
+        return self._bridged
+
+    def subscribers(self, post_id: str) -> int:
+        return len(self._posts.get(post_id, ()))
+
+    @property
+    def post_count(self) -> int:
+        return len(self._posts)
+
+    def status(self) -> dict[str, object]:
+        return {"posts": len(self._posts), "bridge": self._bridge.status()}

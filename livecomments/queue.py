@@ -1,0 +1,318 @@
+"""The write-ahead queue: where a comment is made durable before the service says yes.
+
+Guarantees:
+
+* `enqueue()` returns only after the comment is committed to a SQLite file in WAL mode with
+  `synchronous=FULL`, i.e. fsync'd. Concurrent callers share one commit (group commit): while one
+  commit is on disk, the next callers gather, and all of them ride the following commit.
+* Everything committed and not yet `ack()`ed stays in memory too (`pending`, bounded by
+  `max_bytes`), so a flusher can move it to the store and readers can see it before the store has
+  it. After a crash the file is replayed into memory at `open()`.
+* Past `max_bytes` of unflushed comments, `enqueue()` raises `QueueFull` instead of accepting what
+  it might not be able to keep.
+
+The file is SQLite rather than a hand-rolled log because SQLite's WAL already does what a log
+must: checksummed frames, a torn or half-written tail discarded at the last good commit on the
+next open, and fsync of the file (and of the directory when the WAL is created). `open()` also
+runs `PRAGMA quick_check` and sets aside a file that fails it, salvaging the rows it can read.
+All file I/O runs on one dedicated thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import sqlite3
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from livecomments.comment import Comment
+
+log = logging.getLogger(__name__)
+
+QUEUE_FILE = "queue.db"
+# Largest number of comments one commit carries; more callers wait for the next one.
+MAX_GROUP = 4096
+
+
+class QueueFull(Exception):
+    """The unflushed backlog is at its size limit; the comment was not accepted."""
+
+
+class QueueWriteFailed(Exception):
+    """The commit failed (disk full, I/O error); the comment was not accepted."""
+
+
+@dataclass(slots=True)
+class _Waiter:
+    comment: Comment
+    payload: bytes
+    future: asyncio.Future[None]
+
+
+class WriteAheadQueue:
+    """Durable, bounded FIFO of comments between the API and the store."""
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self._dir = Path(directory)
+        self._max_bytes = max_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal")
+        self._db: sqlite3.Connection | None = None
+        self._waiting: deque[_Waiter] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        # Unflushed comments, in id order, and per post for read-your-writes.
+        self._pending: dict[int, tuple[Comment, int]] = {}
+        self._by_post: dict[str, list[int]] = {}
+        self._pending_bytes = 0
+        self._has_pending = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._closing = False
+        self.last_id = 0
+        self.commits = 0
+        self.recovered_rows = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or create) the file and replay what a previous run left unflushed."""
+        loop = asyncio.get_running_loop()
+        rows, last_id = await loop.run_in_executor(self._executor, self._open_sync)
+        for _, payload in rows:
+            self._remember(Comment.decode(payload), len(payload))
+        self.last_id = max(last_id, max(self._pending, default=0))
+        self.recovered_rows = len(rows)
+        if rows:
+            log.info("queue: replaying %d unflushed comments from %s", len(rows), self._dir)
+        self._writer = asyncio.create_task(self._commit_worker(), name="wal-commit-worker")
+
+    async def close(self) -> None:
+        """Commit what callers are already waiting on, then close the file."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    # -- the write path ------------------------------------------------------------------------
+
+    async def enqueue(self, comment: Comment) -> None:
+        """Return once `comment` is fsync'd; raise `QueueFull` or `QueueWriteFailed` if not."""
+        if self._closing:
+            raise QueueWriteFailed("the queue is closing")
+        payload = comment.encode()
+        if self._pending_bytes + self._waiting_bytes() + len(payload) > self._max_bytes:
+            raise QueueFull(f"write-ahead queue holds {self._pending_bytes} bytes unflushed")
+        waiter = _Waiter(comment, payload, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._wake.set()
+        # Shielded: a client that hangs up mid-request must not cancel a commit other callers
+        # share; the comment is then stored all the same, as it would be had the reply been lost.
+        await asyncio.shield(waiter.future)
+
+    def _waiting_bytes(self) -> int:
+        # Cheap enough: the deque holds at most one commit's worth of callers at a time.
+        return sum(len(w.payload) for w in self._waiting) if self._waiting else 0
+
+    async def _commit_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing or self._waiting:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                group = [self._waiting.popleft() for _ in range(min(MAX_GROUP, len(self._waiting)))]
+                rows = [(w.comment.id, w.comment.post_id, w.payload) for w in group]
+                try:
+                    await loop.run_in_executor(self._executor, self._commit_sync, rows)
+                except Exception as e:  # disk full, I/O error: refuse these, keep serving
+                    log.error("queue: commit of %d comments failed: %s", len(group), e)
+                    for w in group:
+                        if not w.future.done():
+                            w.future.set_exception(QueueWriteFailed(str(e)))
+                    continue
+                self.commits += 1
+                for w in group:
+                    self._remember(w.comment, len(w.payload))
+                    self.last_id = max(self.last_id, w.comment.id)
+                    if not w.future.done():
+                        w.future.set_result(None)
+
+    # -- the read side, for the flusher and for read-your-writes -------------------------------
+
+    def _remember(self, comment: Comment, size: int) -> None:
+        self._pending[comment.id] = (comment, size)
+        bisect.insort(self._by_post.setdefault(comment.post_id, []), comment.id)
+        self._pending_bytes += size
+        self._has_pending.set()
+        self._empty.clear()
+
+    def pending_for_post(self, post_id: str) -> list[Comment]:
+        """Committed but not yet flushed comments of one post, ascending by id."""
+        return [self._pending[i][0] for i in self._by_post.get(post_id, ())]
+
+    def oldest(self, limit: int) -> list[Comment]:
+        """Up to `limit` unflushed comments, oldest first (dicts keep insertion order)."""
+        out: list[Comment] = []
+        for comment, _ in self._pending.values():
+            out.append(comment)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def wait_pending(self) -> None:
+        """Return when there is at least one unflushed comment."""
+        while not self._pending:
+            self._has_pending.clear()
+            await self._has_pending.wait()
+
+    async def wait_empty(self) -> None:
+        """Return when everything committed has been acked (flushed to the store)."""
+        await self._empty.wait()
+
+    async def ack(self, comments: list[Comment]) -> None:
+        """The store has these; forget them (memory first, then the file)."""
+        ids = [c.id for c in comments]
+        for c in comments:
+            entry = self._pending.pop(c.id, None)
+            if entry is None:
+                continue
+            self._pending_bytes -= entry[1]
+            ids_of_post = self._by_post[c.post_id]
+            del ids_of_post[bisect.bisect_left(ids_of_post, c.id)]
+            if not ids_of_post:
+                del self._by_post[c.post_id]
+        if not self._pending:
+            self._empty.set()
+        loop = asyncio.get_running_loop()
+        # If this delete is lost in a crash the rows are flushed again: inserts are idempotent.
+        await loop.run_in_executor(self._executor, self._delete_sync, ids)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def oldest_age_seconds(self) -> float:
+        first = next(iter(self._pending.values()), None)
+        if first is None:
+            return 0.0
+        return max(0.0, time.time() - first[0].created_at / 1000)
+
+    # -- on the queue's own thread -------------------------------------------------------------
+
+    def _open_sync(self) -> tuple[list[tuple[int, bytes]], int]:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / QUEUE_FILE
+        salvaged: list[tuple[int, str, bytes]] = []
+        db = self._connect(path)
+        problem = self._quick_check(db)
+        if problem is not None:
+            salvaged = self._salvage(db)
+            db.close()
+            aside = path.with_name(f"{QUEUE_FILE}.corrupt-{int(time.time())}")
+            path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                side = path.with_name(QUEUE_FILE + suffix)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + suffix))
+            log.error(
+                "queue: %s failed its integrity check (%s); moved to %s, salvaged %d rows",
+                path,
+                problem,
+                aside,
+                len(salvaged),
+            )
+            db = self._connect(path)
+        self._db = db
+        if salvaged:
+            self._commit_sync(salvaged)
+        rows = db.execute("SELECT id, payload FROM queue ORDER BY id").fetchall()
+        (last_id,) = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
+        return rows, int(last_id)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS queue ("
+            " id INTEGER PRIMARY KEY, post_id TEXT NOT NULL, payload BLOB NOT NULL)"
+        )
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
+        return db
+
+    @staticmethod
+    def _quick_check(db: sqlite3.Connection) -> str | None:
+        try:
+            result = db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as e:
+            return str(e)
+        if result == [("ok",)]:
+            return None
+        return "; ".join(str(r[0]) for r in result[:5])
+
+    @staticmethod
+    def _salvage(db: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
+        """Read whatever rows still decode from a damaged file, one at a time."""
+        rows: list[tuple[int, str, bytes]] = []
+        try:
+            ids = [r[0] for r in db.execute("SELECT id FROM queue")]
+        except sqlite3.DatabaseError:
+            return rows
+        for row_id in ids:
+            try:
+                row = db.execute(
+                    "SELECT id, post_id, payload FROM queue WHERE id = ?", (row_id,)
+                ).fetchone()
+                Comment.decode(row[2])
+            except Exception:  # a damaged row: skip it, keep the rest
+                continue
+            rows.append(row)
+        return rows
+
+    def _commit_sync(self, rows: list[tuple[int, str, bytes]] | list[Any]) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO queue (id, post_id, payload) VALUES (?, ?, ?)", rows
+            )
+            db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key = 'last_id'",
+                (max(r[0] for r in rows),),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _delete_sync(self, ids: list[int]) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM queue WHERE id = ?", [(i,) for i in ids])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
