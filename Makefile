@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint typecheck fmt clean
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: help run test lint fmt bench bench-quick clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,6 +23,16 @@ run: $(STAMP) ## Start the service on SQLite (no other service needed) and print
 
 test: $(STAMP) ## Run the whole test suite, fault tests included
 	$(BIN)/python -m pytest
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## Benchmarks vs python-socketio (< 10 min); writes bench/results/ and BENCHMARKS.md
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BENCH_STAMP) ## A smaller run of every benchmark scenario (< 60 s)
+	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check livecomments tests
