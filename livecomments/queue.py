@@ -64,6 +64,7 @@ class WriteAheadQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal")
         self._db: sqlite3.Connection | None = None
         self._waiting: deque[_Waiter] = deque()
+        self._waiting_bytes = 0
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         # Unflushed comments, in id order, and per post for read-your-writes.
@@ -110,18 +111,15 @@ class WriteAheadQueue:
         if self._closing:
             raise QueueWriteFailed("the queue is closing")
         payload = comment.encode()
-        if self._pending_bytes + self._waiting_bytes() + len(payload) > self._max_bytes:
+        if self._pending_bytes + self._waiting_bytes + len(payload) > self._max_bytes:
             raise QueueFull(f"write-ahead queue holds {self._pending_bytes} bytes unflushed")
         waiter = _Waiter(comment, payload, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
+        self._waiting_bytes += len(payload)
         self._wake.set()
         # Shielded: a client that hangs up mid-request must not cancel a commit other callers
         # share; the comment is then stored all the same, as it would be had the reply been lost.
         await asyncio.shield(waiter.future)
-
-    def _waiting_bytes(self) -> int:
-        # Cheap enough: the deque holds at most one commit's worth of callers at a time.
-        return sum(len(w.payload) for w in self._waiting) if self._waiting else 0
 
     async def _commit_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,6 +128,7 @@ class WriteAheadQueue:
             self._wake.clear()
             while self._waiting:
                 group = [self._waiting.popleft() for _ in range(min(MAX_GROUP, len(self._waiting)))]
+                self._waiting_bytes -= sum(len(w.payload) for w in group)
                 rows = [(w.comment.id, w.comment.post_id, w.payload) for w in group]
                 try:
                     await loop.run_in_executor(self._executor, self._commit_sync, rows)
@@ -216,17 +215,17 @@ class WriteAheadQueue:
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / QUEUE_FILE
         salvaged: list[tuple[int, str, bytes]] = []
-        db = self._connect(path)
-        problem = self._quick_check(db)
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connect(path)
+            problem = self._quick_check(db) or self._ensure_schema(db)
+        except sqlite3.DatabaseError as e:  # not even a database any more
+            problem = str(e)
         if problem is not None:
-            salvaged = self._salvage(db)
-            db.close()
-            aside = path.with_name(f"{QUEUE_FILE}.corrupt-{int(time.time())}")
-            path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                side = path.with_name(QUEUE_FILE + suffix)
-                if side.exists():
-                    side.rename(aside.with_name(aside.name + suffix))
+            if db is not None:
+                salvaged = self._salvage(db)
+                db.close()
+            aside = self._set_aside(path)
             log.error(
                 "queue: %s failed its integrity check (%s); moved to %s, salvaged %d rows",
                 path,
@@ -235,6 +234,8 @@ class WriteAheadQueue:
                 len(salvaged),
             )
             db = self._connect(path)
+            self._ensure_schema(db)
+        assert db is not None  # set on both paths above
         self._db = db
         if salvaged:
             self._commit_sync(salvaged)
@@ -243,17 +244,31 @@ class WriteAheadQueue:
         return rows, int(last_id)
 
     @staticmethod
+    def _set_aside(path: Path) -> Path:
+        """Keep a damaged file (and its WAL) for a human, out of the way of a fresh one."""
+        aside = path.with_name(f"{QUEUE_FILE}.corrupt-{time.time_ns()}")
+        path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(QUEUE_FILE + suffix)
+            if side.exists():
+                side.rename(aside.with_name(aside.name + suffix))
+        return aside
+
+    @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    @staticmethod
+    def _ensure_schema(db: sqlite3.Connection) -> None:
         db.execute(
             "CREATE TABLE IF NOT EXISTS queue ("
             " id INTEGER PRIMARY KEY, post_id TEXT NOT NULL, payload BLOB NOT NULL)"
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
-        return db
 
     @staticmethod
     def _quick_check(db: sqlite3.Connection) -> str | None:
@@ -267,22 +282,22 @@ class WriteAheadQueue:
 
     @staticmethod
     def _salvage(db: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
-        """Read whatever rows still decode from a damaged file, one at a time."""
-        rows: list[tuple[int, str, bytes]] = []
-        try:
-            ids = [r[0] for r in db.execute("SELECT id FROM queue")]
-        except sqlite3.DatabaseError:
-            return rows
-        for row_id in ids:
+        """Read what still decodes from a damaged file: forwards, then backwards, up to the
+        damage from either side (a damaged leaf page costs only the rows on it)."""
+        rows: dict[int, tuple[int, str, bytes]] = {}
+        for order in ("ASC", "DESC"):
             try:
-                row = db.execute(
-                    "SELECT id, post_id, payload FROM queue WHERE id = ?", (row_id,)
-                ).fetchone()
-                Comment.decode(row[2])
-            except Exception:  # a damaged row: skip it, keep the rest
-                continue
-            rows.append(row)
-        return rows
+                for row in db.execute(
+                    f"SELECT id, post_id, payload FROM queue ORDER BY id {order}"
+                ):
+                    try:
+                        Comment.decode(row[2])
+                    except Exception:  # a row that no longer decodes: skip it, keep the rest
+                        continue
+                    rows[row[0]] = row
+            except sqlite3.DatabaseError:
+                continue  # reached the damage from this side
+        return [rows[i] for i in sorted(rows)]
 
     def _commit_sync(self, rows: list[tuple[int, str, bytes]] | list[Any]) -> None:
         db = self._db

@@ -1,0 +1,177 @@
+"""The hub with fake sockets and a gated bridge: fan-out, and the per-post transitions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from livecomments.bridge import HubListener, MemoryBridge
+from livecomments.comment import Comment
+from livecomments.config import RedisSettings
+from livecomments.hub import Hub, TooManyPosts
+from livecomments.metrics import Metrics
+
+
+class FakeSocket:
+    def __init__(self, accept: bool = True) -> None:
+        self.received: list[bytes] = []
+        self.accept = accept
+
+    def offer(self, payload: bytes) -> bool:
+        if self.accept:
+            self.received.append(payload)
+        return self.accept
+
+
+class GatedBridge(MemoryBridge):
+    """Records bridge calls; subscribe/unsubscribe wait on gates the test opens."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.following: set[str] = set()
+        self.sub_gate = asyncio.Event()
+        self.unsub_gate = asyncio.Event()
+        self.sub_gate.set()
+        self.unsub_gate.set()
+        self.fail_subscribe = False
+        self.published: list[tuple[str, bytes]] = []
+
+    async def subscribe(self, post_id: str) -> None:
+        self.calls.append(("subscribe", post_id))
+        await self.sub_gate.wait()
+        if self.fail_subscribe:
+            raise ConnectionError("redis down")
+        self.following.add(post_id)
+
+    async def unsubscribe(self, post_id: str) -> None:
+        self.calls.append(("unsubscribe", post_id))
+        await self.unsub_gate.wait()
+        self.following.discard(post_id)
+
+    def publish(self, post_id: str, payload: bytes) -> None:
+        self.published.append((post_id, payload))
+
+    async def start(self, listener: HubListener) -> None:
+        pass
+
+    async def reconfigure(self, settings: RedisSettings) -> None:
+        pass
+
+
+def make_comment(i: int, post: str = "p") -> Comment:
+    return Comment(i, post, "u", f"m{i}", None, None, 1)
+
+
+async def test_publish_encodes_once_and_offers_the_same_bytes_to_everyone():
+    bridge = GatedBridge()
+    hub = Hub(bridge, Metrics())
+    socks = [FakeSocket() for _ in range(50)]
+    for s in socks:
+        await hub.subscribe(s, "p")
+    other = FakeSocket()
+    await hub.subscribe(other, "q")
+    hub.publish(make_comment(1))
+    payloads = {id(s.received[0]) for s in socks}
+    assert len(payloads) == 1, "each socket got its own copy: encoded more than once"
+    assert orjson.loads(socks[0].received[0])["comment"]["id"] == "1"
+    assert other.received == []
+    assert bridge.published == [("p", socks[0].received[0])]
+
+
+async def test_a_refusing_socket_does_not_stop_the_others():
+    hub = Hub(GatedBridge(), Metrics())
+    slow, fine = FakeSocket(accept=False), FakeSocket()
+    await hub.subscribe(slow, "p")
+    await hub.subscribe(fine, "p")
+    for i in range(3):
+        hub.publish(make_comment(i))
+    assert len(fine.received) == 3
+
+
+async def test_bridge_follows_a_post_only_while_it_has_local_subscribers():
+    bridge = GatedBridge()
+    hub = Hub(bridge, Metrics())
+    a, b = FakeSocket(), FakeSocket()
+    await hub.subscribe(a, "p")
+    await hub.subscribe(b, "p")
+    assert bridge.calls == [("subscribe", "p")]
+    await hub.unsubscribe(a, "p")
+    assert "p" in bridge.following
+    await hub.unsubscribe(b, "p")
+    assert bridge.calls == [("subscribe", "p"), ("unsubscribe", "p")]
+    assert hub.post_count == 0 and not bridge.following
+
+
+async def test_failed_bridge_subscribe_is_rolled_back():
+    bridge = GatedBridge()
+    bridge.fail_subscribe = True
+    hub = Hub(bridge, Metrics())
+    with pytest.raises(ConnectionError):
+        await hub.subscribe(FakeSocket(), "p")
+    assert hub.post_count == 0 and not hub.local_posts()
+    bridge.fail_subscribe = False
+    s = FakeSocket()
+    await hub.subscribe(s, "p")
+    assert "p" in bridge.following
+    hub.publish(make_comment(1))
+    assert len(s.received) == 1
+
+
+async def test_subscribe_while_last_unsubscribe_is_in_flight_keeps_the_post_followed():
+    bridge = GatedBridge()
+    hub = Hub(bridge, Metrics())
+    first, second = FakeSocket(), FakeSocket()
+    await hub.subscribe(first, "p")
+    bridge.unsub_gate.clear()
+    leaving = asyncio.create_task(hub.unsubscribe(first, "p"))
+    for _ in range(100):  # the task reaches the bridge within a few loop turns
+        if ("unsubscribe", "p") in bridge.calls:
+            break
+        await asyncio.sleep(0)
+    assert ("unsubscribe", "p") in bridge.calls
+    joining = asyncio.create_task(hub.subscribe(second, "p"))
+    await asyncio.sleep(0)
+    assert not joining.done(), "joined on the fast path while the bridge was unsubscribing"
+    bridge.unsub_gate.set()
+    await asyncio.wait_for(asyncio.gather(leaving, joining), 5)
+    assert "p" in bridge.following, "a local subscriber but the bridge stopped following"
+    assert bridge.calls[-1] == ("subscribe", "p")
+
+
+async def test_unsubscribe_while_first_subscribe_is_in_flight():
+    bridge = GatedBridge()
+    hub = Hub(bridge, Metrics())
+    a, b = FakeSocket(), FakeSocket()
+    bridge.sub_gate.clear()
+    sub_a = asyncio.create_task(hub.subscribe(a, "p"))
+    sub_b = asyncio.create_task(hub.subscribe(b, "p"))
+    await asyncio.sleep(0)
+    bridge.sub_gate.set()
+    await asyncio.wait_for(asyncio.gather(sub_a, sub_b), 5)
+    assert bridge.calls == [("subscribe", "p")], "second subscriber subscribed the bridge again"
+    await hub.unsubscribe(a, "p")
+    assert "p" in bridge.following
+    hub.publish(make_comment(1))
+    assert len(b.received) == 1 and a.received == []
+
+
+async def test_post_limit_per_instance():
+    hub = Hub(GatedBridge(), Metrics(), max_posts=2)
+    s = FakeSocket()
+    await hub.subscribe(s, "a")
+    await hub.subscribe(s, "b")
+    with pytest.raises(TooManyPosts):
+        await hub.subscribe(s, "c")
+    await hub.subscribe(FakeSocket(), "a")  # an already-followed post is still fine
+
+
+async def test_resync_reaches_subscribers_of_the_named_posts_only():
+    hub = Hub(GatedBridge(), Metrics())
+    a, b = FakeSocket(), FakeSocket()
+    await hub.subscribe(a, "p")
+    await hub.subscribe(b, "q")
+    hub.resync(["p", "unknown"])
+    assert [orjson.loads(x) for x in a.received] == [{"type": "resync", "post_id": "p"}]
+    assert b.received == []

@@ -1,0 +1,148 @@
+"""The write-ahead queue: durable on return, group commit, bounded, and it survives damage."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from livecomments.comment import Comment
+from livecomments.queue import QUEUE_FILE, QueueFull, WriteAheadQueue
+
+
+def comment(i: int, post: str = "p") -> Comment:
+    return Comment(i, post, "u", f"message {i}", None, None, 1_700_000_000_000 + i)
+
+
+async def open_queue(path: Path, max_bytes: int = 1 << 20) -> WriteAheadQueue:
+    q = WriteAheadQueue(path, max_bytes)
+    await q.open()
+    return q
+
+
+async def test_committed_comments_survive_a_reopen(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    for i in range(1, 6):
+        await q.enqueue(comment(i))
+    await q.ack([comment(1)])
+    await q.close()
+
+    q = await open_queue(tmp_path)
+    assert [c.id for c in q.oldest(100)] == [2, 3, 4, 5]
+    assert q.recovered_rows == 4
+    assert q.last_id == 5
+    await q.close()
+
+
+async def test_concurrent_enqueues_share_commits(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await asyncio.gather(*(q.enqueue(comment(i)) for i in range(1, 301)))
+    assert q.depth == 300
+    assert q.commits < 300 / 4, f"{q.commits} commits for 300 comments: no group commit"
+    await q.close()
+
+
+async def test_read_your_writes_index_by_post(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await asyncio.gather(*(q.enqueue(comment(i, post=f"p{i % 2}")) for i in range(1, 11)))
+    assert [c.id for c in q.pending_for_post("p1")] == [1, 3, 5, 7, 9]
+    await q.ack([comment(3, "p1"), comment(5, "p1")])
+    assert [c.id for c in q.pending_for_post("p1")] == [1, 7, 9]
+    assert q.depth == 8
+    await q.close()
+
+
+async def test_full_queue_refuses_instead_of_accepting(tmp_path: Path):
+    size = len(comment(1).encode())
+    q = await open_queue(tmp_path, max_bytes=size * 3 + 10)
+    for i in range(1, 4):
+        await q.enqueue(comment(i))
+    with pytest.raises(QueueFull):
+        await q.enqueue(comment(4))
+    await q.ack([comment(1)])
+    await q.enqueue(comment(4))  # room again once something was flushed
+    assert q.depth == 3
+    await q.close()
+
+
+async def test_wait_empty_returns_once_everything_is_acked(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    waiter = asyncio.create_task(q.wait_empty())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await q.ack([comment(1)])
+    await asyncio.wait_for(waiter, 5)
+    await q.close()
+
+
+def snapshot_while_open(src: Path, dst: Path) -> None:
+    """What a crash leaves on disk: the main file and its WAL, uncheckpointed."""
+    dst.mkdir()
+    for name in (QUEUE_FILE, QUEUE_FILE + "-wal"):
+        shutil.copyfile(src / name, dst / name)
+
+
+async def test_garbage_after_the_last_commit_is_ignored(tmp_path: Path):
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    q = await open_queue(live)
+    for i in range(1, 21):
+        await q.enqueue(comment(i))
+    snapshot_while_open(live, crashed)
+    await q.close()
+    with open(crashed / (QUEUE_FILE + "-wal"), "ab") as f:
+        f.write(b"\x37\x7f\x06\x82" + b"torn half-written frame" * 50)
+
+    q = await open_queue(crashed)
+    assert [c.id for c in q.oldest(100)] == list(range(1, 21))
+    await q.close()
+
+
+async def test_a_torn_last_commit_keeps_every_earlier_commit(tmp_path: Path):
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    q = await open_queue(live)
+    for i in range(1, 11):
+        await q.enqueue(comment(i))  # acknowledged, one commit each
+    await q.enqueue(comment(11))
+    snapshot_while_open(live, crashed)
+    await q.close()
+    wal = crashed / (QUEUE_FILE + "-wal")
+    wal.write_bytes(wal.read_bytes()[:-200])  # the crash cut the last commit short
+
+    q = await open_queue(crashed)
+    ids = [c.id for c in q.oldest(100)]
+    assert ids[:10] == list(range(1, 11))  # every commit before the torn one survived
+    await q.close()
+
+
+async def test_a_file_that_is_not_a_database_is_set_aside(tmp_path: Path, caplog):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / QUEUE_FILE).write_bytes(b"this is not sqlite" * 100)
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    assert q.depth == 1
+    await q.close()
+    assert list(tmp_path.glob(f"{QUEUE_FILE}.corrupt-*"))
+    assert "integrity check" in caplog.text
+
+
+async def test_a_damaged_page_salvages_readable_rows(tmp_path: Path, caplog):
+    q = await open_queue(tmp_path)
+    for i in range(1, 2001):
+        await q.enqueue(comment(i, post=f"post-{i}"))
+    await q.close()  # checkpointed into the main file
+    path = tmp_path / QUEUE_FILE
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[page * 20 : page * 20 + 200] = b"\xff" * 200  # damage a leaf page of the queue table
+    path.write_bytes(bytes(data))
+
+    q = await open_queue(tmp_path)
+    ids = [c.id for c in q.oldest(10_000)]
+    await q.close()
+    assert "integrity check" in caplog.text
+    assert 1500 < len(ids) < 2000  # all but the rows of the damaged page
+    assert set(ids) <= set(range(1, 2001))
+    assert ids == sorted(ids)
