@@ -23,7 +23,14 @@ from aiohttp import WSMsgType, web
 from livecomments.bridge import Bridge, MemoryBridge
 from livecomments.comment import check_key, draft_from
 from livecomments.config import Settings
-from livecomments.conn import CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED_DATA, Conn
+from livecomments.conn import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_UNSUPPORTED_DATA,
+    Conn,
+    WriteBatcher,
+    text_frame,
+)
 from livecomments.dedupe import RecentRequests
 from livecomments.errors import ApiError, invalid
 from livecomments.hub import Hub, TooManyPosts
@@ -42,6 +49,7 @@ IDS = web.AppKey("ids", SnowflakeGenerator)
 RECENT = web.AppKey("recent", RecentRequests)
 CONNS = web.AppKey[set[Conn]]("conns")
 STATE = web.AppKey[dict[str, Any]]("state")
+BATCHER = web.AppKey("batcher", WriteBatcher)
 
 # Seconds a client should wait before retrying a POST refused because the queue is full.
 RETRY_AFTER_QUEUE_FULL = 5
@@ -57,6 +65,7 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
     app[METRICS] = Metrics()
     app[RECENT] = RecentRequests()
     app[CONNS] = set()
+    app[BATCHER] = WriteBatcher()
     app[STATE] = {"shutting_down": False}
     app[HUB] = Hub(
         bridge or make_bridge(settings, app[METRICS]),
@@ -368,19 +377,22 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         heartbeat=settings.websocket.heartbeat,
         max_msg_size=settings.limits.ws_frame_max_bytes,
-        compress=settings.websocket.compress,
+        # Never negotiated: conn.py writes one pre-built frame to every socket.
+        compress=False,
     )
     await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the peer left during the handshake
+        return ws
     conn = Conn(
         ws,
-        request.transport,
-        settings.websocket.outbox_max_messages,
+        transport,
+        app[BATCHER],
         settings.websocket.outbox_max_bytes,
         on_slow=lambda: app[METRICS].inc("slow_consumer_closes_total"),
     )
     app[CONNS].add(conn)
     app[METRICS].inc("ws_connections_total")
-    writer = asyncio.create_task(conn.writer_worker(), name="ws-writer")
     try:
         if first_post is not None:
             await _subscribe(app, conn, first_post)
@@ -388,9 +400,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         app[CONNS].discard(conn)
         await app[HUB].leave(conn, conn.posts)
-        if not conn.closing:
-            conn.close_soon(1000, b"")
-        await asyncio.gather(writer, return_exceptions=True)
+        conn.close_soon(CLOSE_NORMAL, b"")
+        await conn.wait_closed()
     return ws
 
 
@@ -414,7 +425,7 @@ async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
         return _send_error(app, conn, "invalid_event", 'events are objects with a string "type"')
     kind = event["type"]
     if kind == "ping":
-        conn.offer(b'{"type":"pong"}')
+        conn.offer(_PONG)
         return None
     if kind not in ("subscribe", "unsubscribe"):
         return _send_error(app, conn, "unknown_type", f"unknown event type {kind[:64]!r}")
@@ -428,7 +439,7 @@ async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
     else:
         conn.posts.discard(post_id)
         await app[HUB].unsubscribe(conn, post_id)
-        conn.offer(orjson.dumps({"type": "unsubscribed", "post_id": post_id}))
+        _send(conn, {"type": "unsubscribed", "post_id": post_id})
     return None
 
 
@@ -444,10 +455,17 @@ async def _subscribe(app: web.Application, conn: Conn, post_id: str) -> None:
         log.warning("hub: subscribe %s failed: %s", post_id, e)
         return _send_error(app, conn, "subscribe_failed", "cannot follow this post right now")
     conn.posts.add(post_id)
-    conn.offer(orjson.dumps({"type": "subscribed", "post_id": post_id}))
+    _send(conn, {"type": "subscribed", "post_id": post_id})
     return None
 
 
 def _send_error(app: web.Application, conn: Conn, code: str, message: str) -> None:
     app[METRICS].inc("ws_errors_total")
-    conn.offer(orjson.dumps({"type": "error", "code": code, "message": message}))
+    _send(conn, {"type": "error", "code": code, "message": message})
+
+
+_PONG = text_frame(b'{"type":"pong"}')
+
+
+def _send(conn: Conn, event: dict[str, str]) -> None:
+    conn.offer(text_frame(orjson.dumps(event)))

@@ -68,11 +68,9 @@ class LimitsSettings:
 class WebSocketSettings:
     # Seconds between server pings; a peer that misses a pong for half of it is dropped.
     heartbeat: float = 30.0
-    # Per-socket outbox caps; a socket over either is closed as a slow consumer (4008).
-    outbox_max_messages: int = 1024
+    # Bytes queued in the process for one socket (not yet taken by the kernel) before it is
+    # closed as a slow consumer (4008).
     outbox_max_bytes: int = 1024 * 1024
-    # permessage-deflate; off by default because it compresses each message once per socket.
-    compress: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,6 @@ _RANGES: dict[str, tuple[float, float]] = {
     "redis.publish_retry": (0, 3600),
     "redis.timeout": (0.05, 600),
     "websocket.heartbeat": (0.1, 3600),
-    "websocket.outbox_max_messages": (1, 1_000_000),
     "websocket.outbox_max_bytes": (1024, 1 << 32),
 }
 
@@ -189,13 +186,6 @@ def _from_env(dotted: str, hint: Any, text: str) -> Any:
     """Environment values are strings; turn them into the key's type before checking it."""
     if get_origin(hint) is list:
         return _coerce(dotted, hint, [p.strip() for p in text.split(",") if p.strip()])
-    if hint is bool:
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{dotted}: expected true or false, got {text!r}")
     if hint in (int, float):
         try:
             return _coerce(dotted, hint, hint(text))

@@ -26,6 +26,7 @@ import orjson
 from livecomments.bridge import Bridge
 from livecomments.comment import Comment
 from livecomments.config import RedisSettings
+from livecomments.conn import text_frame
 from livecomments.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 class Subscriber(Protocol):
     """What the hub needs of a socket (conn.Conn; tests use a fake)."""
 
-    def offer(self, payload: bytes) -> bool: ...
+    def offer(self, frame: bytes) -> bool:
+        """Queue a complete WebSocket frame without awaiting; False if the socket dropped it."""
 
 
 class TooManyPosts(Exception):
@@ -155,19 +157,22 @@ class Hub:
         self._bridge.publish(comment.post_id, payload)
 
     def deliver(self, post_id: str, payload: bytes) -> None:
+        """Offer one encoded event to every local subscriber of the post: framed once, shared."""
         subs = self._posts.get(post_id)
         if not subs:
             return
+        frame = text_frame(payload)
         delivered = 0
         for sub in subs:
-            delivered += sub.offer(payload)
+            delivered += sub.offer(frame)
         self._metrics.inc("deliveries_total", delivered)
 
     def resync(self, post_ids: Iterable[str]) -> None:
         for post_id in post_ids:
-            if self._posts.get(post_id):
+            subs = self._posts.get(post_id)
+            if subs:
+                self._metrics.inc("resyncs_total", len(subs))
                 self.deliver(post_id, resync_event(post_id))
-                self._metrics.inc("resyncs_total", len(self._posts[post_id]))
 
     # -- for the bridge and for status ---------------------------------------------------------
 

@@ -22,7 +22,6 @@ def test_environment_overrides_each_section():
         "LIVECOMMENTS_STORE_URL": "sqlite:////tmp/x/c.db",
         "LIVECOMMENTS_QUEUE_DIR": "/tmp/x/queue",
         "LIVECOMMENTS_LIMITS_MESSAGE_MAX_CHARS": "500",
-        "LIVECOMMENTS_WEBSOCKET_COMPRESS": "true",
         "LIVECOMMENTS_WEBSOCKET_HEARTBEAT": "5",
         "LIVECOMMENTS_REDIS_URLS": "redis://127.0.0.1:7001, redis://127.0.0.1:7002",
     }
@@ -31,7 +30,6 @@ def test_environment_overrides_each_section():
     assert s.store.url == "sqlite:////tmp/x/c.db"
     assert s.queue.dir == "/tmp/x/queue"
     assert s.limits.message_max_chars == 500
-    assert s.websocket.compress is True
     assert s.websocket.heartbeat == 5.0
     assert s.redis.urls == ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"]
 
@@ -51,7 +49,7 @@ def test_environment_wins_over_the_file(tmp_path: Path):
         ("[server]\nprot = 1\n", {}, "server.prot"),
         ("[nope]\n", {}, "nope"),
         ("", {"LIVECOMMENTS_SERVER_PORT": "eighty"}, "server.port"),
-        ("", {"LIVECOMMENTS_WEBSOCKET_COMPRESS": "maybe"}, "websocket.compress"),
+        ("", {"LIVECOMMENTS_WEBSOCKET_HEARTBEAT": "often"}, "websocket.heartbeat"),
         ("[store]\nurl = 'mysql://x'\n", {}, "store.url"),
         ("[log]\nlevel = 'LOUD'\n", {}, "log.level"),
         ("[limits]\npage_default = 500\n", {}, "limits.page_default"),

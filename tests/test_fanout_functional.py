@@ -85,7 +85,6 @@ async def test_a_reader_that_stops_reading_does_not_delay_a_healthy_one(start_se
     server = start_server(
         env={
             "LIVECOMMENTS_WEBSOCKET_OUTBOX_MAX_BYTES": str(256 * 1024),
-            "LIVECOMMENTS_WEBSOCKET_OUTBOX_MAX_MESSAGES": "100000",
         }
     )
     assert server.proc is not None

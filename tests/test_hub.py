@@ -10,6 +10,7 @@ import pytest
 from livecomments.bridge import HubListener, MemoryBridge
 from livecomments.comment import Comment
 from livecomments.config import RedisSettings
+from livecomments.conn import text_frame
 from livecomments.hub import Hub, TooManyPosts
 from livecomments.metrics import Metrics
 
@@ -60,6 +61,14 @@ class GatedBridge(MemoryBridge):
         pass
 
 
+def payload_of(frame: bytes) -> bytes:
+    """Strip the WebSocket header the hub put in front of the event."""
+    assert frame[0] == 0x81, "not a final text frame"
+    n = frame[1]
+    start = 2 if n < 126 else 4 if n == 126 else 10
+    return frame[start:]
+
+
 def make_comment(i: int, post: str = "p") -> Comment:
     return Comment(i, post, "u", f"m{i}", None, None, 1)
 
@@ -75,9 +84,9 @@ async def test_publish_encodes_once_and_offers_the_same_bytes_to_everyone():
     hub.publish(make_comment(1))
     payloads = {id(s.received[0]) for s in socks}
     assert len(payloads) == 1, "each socket got its own copy: encoded more than once"
-    assert orjson.loads(socks[0].received[0])["comment"]["id"] == "1"
+    assert orjson.loads(payload_of(socks[0].received[0]))["comment"]["id"] == "1"
     assert other.received == []
-    assert bridge.published == [("p", socks[0].received[0])]
+    assert bridge.published == [("p", payload_of(socks[0].received[0]))]
 
 
 async def test_a_refusing_socket_does_not_stop_the_others():
@@ -173,5 +182,15 @@ async def test_resync_reaches_subscribers_of_the_named_posts_only():
     await hub.subscribe(a, "p")
     await hub.subscribe(b, "q")
     hub.resync(["p", "unknown"])
-    assert [orjson.loads(x) for x in a.received] == [{"type": "resync", "post_id": "p"}]
+    assert [orjson.loads(payload_of(x)) for x in a.received] == [{"type": "resync", "post_id": "p"}]
     assert b.received == []
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_text_frame_lengths_follow_rfc6455(size: int):
+    payload = b"x" * size
+    frame = text_frame(payload)
+    assert payload_of(frame) == payload
+    n = frame[1]
+    length = n if n < 126 else int.from_bytes(frame[2:4] if n == 126 else frame[2:10], "big")
+    assert length == size
