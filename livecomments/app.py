@@ -267,11 +267,13 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
     comment = draft.to_comment(app[IDS].next_id(), wall_clock_ms())
     try:
         await app[COMMENTS].accept(comment)
-    except (QueueFull, QueueWriteFailed) as e:
+    except BaseException as e:
+        error = _refusal(e) if isinstance(e, QueueFull | QueueWriteFailed) else None
+        if key is not None:  # a retry must not wait on this attempt for ever
+            app[RECENT].forget(key, error or QueueWriteFailed("the first attempt failed"))
+        if error is None:
+            raise
         app[METRICS].inc("comments_rejected_total")
-        error = _refusal(e)
-        if key is not None:
-            app[RECENT].forget(key, error)
         raise error from e
     if key is not None:
         app[RECENT].settle(key, comment)
@@ -338,19 +340,21 @@ async def readyz(request: web.Request) -> web.Response:
     app = request.app
     store = app[COMMENTS].status()
     hub = app[HUB].status()
+    bridge = app[HUB].bridge_status()
     queue_full = app[COMMENTS].queue.pending_bytes >= app[SETTINGS].queue.max_bytes
     not_ready = []
     if app[STATE]["shutting_down"]:
         not_ready.append("shutting_down")
     if queue_full:
         not_ready.append("queue_full")
-    degraded = store["status"] != "ok" or hub["bridge"].get("status") != "ok"  # type: ignore[attr-defined]
+    degraded = store["status"] != "ok" or bridge.get("status") != "ok"
     status = "unavailable" if not_ready else ("degraded" if degraded else "ok")
     body = {
         "status": status,
         "not_ready": not_ready,
         "store": store,
         "hub": hub,
+        "bridge": bridge,
         "connections": len(app[CONNS]),
     }
     return _json(body, status=503 if not_ready else 200)

@@ -187,4 +187,7 @@ class Hub:
         return len(self._posts)
 
     def status(self) -> dict[str, object]:
-        return {"posts": len(self._posts), "bridge": self._bridge.status()}
+        return {"posts": len(self._posts), "locks_held": len(self._locks)}
+
+    def bridge_status(self) -> dict[str, object]:
+        return self._bridge.status()

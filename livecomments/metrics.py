@@ -17,6 +17,13 @@ COUNTERS: dict[str, str] = {
     "ws_connections_total": "WebSocket connections accepted.",
     "ws_errors_total": "Error events sent to WebSocket clients for bad input.",
     "resyncs_total": "Resync events sent to local subscribers.",
+    "redis_published_total": "Events published to Redis for the other instances.",
+    "redis_publish_dropped_total": "Events never published: buffer full or retries exhausted.",
+    "redis_received_total": "Events received from other instances through Redis.",
+    "redis_discarded_total": "Redis messages dropped: malformed, or a retried duplicate.",
+    "redis_reconnects_total": "Pub/Sub connections re-established after a loss.",
+    "redis_probe_failures_total": "Pub/Sub connections found deaf by the liveness probe.",
+    "redis_ring_moves_total": "Local posts moved to another Redis server by a ring change.",
 }
 
 

@@ -154,17 +154,20 @@ class Comments:
             batch = self.queue.oldest(self._flush_batch)
             try:
                 await self.store.insert_many(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
+            except Exception as e:  # CancelledError is not an Exception: it still stops us
                 self.flush_errors += 1
                 self._mark_store(False, e)
                 delay = await self._backoff(delay)
                 continue
             delay = 0.0
             self._mark_store(True)
-            await self.queue.ack(batch)
             self.flushed += len(batch)
+            try:
+                await self.queue.ack(batch)
+            except Exception:
+                # Memory has let them go; the rows stay in the queue file and are flushed
+                # again after a restart, which the store's idempotent insert makes harmless.
+                log.exception("queue: could not delete %d flushed comments", len(batch))
 
     async def _backoff(self, delay: float) -> float:
         """Sleep a jittered, doubling delay capped at retry_max; return the new delay."""
