@@ -35,6 +35,7 @@ from livecomments.dedupe import RecentRequests
 from livecomments.errors import ApiError, invalid
 from livecomments.hub import Hub, TooManyPosts
 from livecomments.ids import SnowflakeGenerator, wall_clock_ms
+from livecomments.lease import InstanceLease
 from livecomments.metrics import Metrics
 from livecomments.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
 from livecomments.store import Comments, PageQuery, StoreUnavailable, open_store
@@ -46,6 +47,7 @@ METRICS = web.AppKey("metrics", Metrics)
 COMMENTS = web.AppKey("comments", Comments)
 HUB = web.AppKey("hub", Hub)
 IDS = web.AppKey("ids", SnowflakeGenerator)
+INSTANCE_ID = web.AppKey("instance_id", int)
 RECENT = web.AppKey("recent", RecentRequests)
 CONNS = web.AppKey[set[Conn]]("conns")
 STATE = web.AppKey[dict[str, Any]]("state")
@@ -72,6 +74,7 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
         app[METRICS],
         max_posts=settings.limits.posts_per_instance,
     )
+    app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(comments_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.on_shutdown.append(close_sockets)
@@ -104,6 +107,30 @@ async def apply_reload(app: web.Application, settings: Settings) -> None:
 # -- lifecycle ----------------------------------------------------------------------------------
 
 
+async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Settle this instance's id; with Redis, lease it so no other live instance shares it."""
+    settings = app[SETTINGS]
+    if not settings.redis.urls:
+        app[INSTANCE_ID] = max(0, settings.server.instance_id)
+        yield
+        return
+    lease = InstanceLease(
+        settings.redis.urls[0], settings.server.instance_id, settings.redis.timeout
+    )
+    try:
+        app[INSTANCE_ID] = await lease.acquire()
+    except BaseException:
+        await lease.release()
+        raise
+    renewer = asyncio.create_task(lease.renew_worker(), name="lease-renew-worker")
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
+        await lease.release()
+
+
 async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
     """Queue and store up, unflushed comments replayed, flusher running; on exit, flush and stop."""
     settings = app[SETTINGS]
@@ -114,7 +141,7 @@ async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
     # If the database is down, start anyway: the queue takes comments and the flusher keeps
     # trying to open the store.
     await comments.try_open_store()
-    ids = SnowflakeGenerator(settings.server.instance_id)
+    ids = SnowflakeGenerator(app[INSTANCE_ID])
     ids.seed(queue.last_id)
     app[COMMENTS], app[IDS] = comments, ids
     _register_gauges(app[METRICS], comments, app)

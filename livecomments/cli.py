@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from livecomments.app import apply_reload, create_app
+from livecomments.app import INSTANCE_ID, apply_reload, create_app
 from livecomments.config import ConfigError, Settings, load_settings
 from livecomments.store import open_store
 
@@ -94,7 +94,12 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         handle_signals=False,
         access_log=None,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        await runner.cleanup()
+        return 1
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
     try:
         await site.start()
@@ -103,7 +108,7 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         await runner.cleanup()
         return 1
     host, port = _bound_address(runner)
-    log.info("listening on http://%s:%d/ (instance %d)", host, port, settings.server.instance_id)
+    log.info("listening on http://%s:%d/ (instance %d)", host, port, app[INSTANCE_ID])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,8 +28,9 @@ class ConfigError(Exception):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
-    # 0-1023; part of every comment id, so it must differ between instances sharing a store.
-    instance_id: int = 0
+    # 0-1023, part of every comment id: it must differ between instances sharing a store.
+    # -1: claim a free one through Redis (lease.py); 0 when there is no Redis.
+    instance_id: int = -1
     # Seconds SIGTERM waits for sockets to close and the queue to flush before exiting.
     shutdown_timeout: float = 10.0
 
@@ -108,7 +109,7 @@ class Settings:
 # Range checks, by `section.key`: (minimum, maximum), inclusive.
 _RANGES: dict[str, tuple[float, float]] = {
     "server.port": (0, 65535),
-    "server.instance_id": (0, 1023),
+    "server.instance_id": (-1, 1023),
     "server.shutdown_timeout": (0, 3600),
     "queue.max_bytes": (1024, 1 << 50),
     "queue.flush_batch": (1, 100_000),
