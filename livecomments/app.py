@@ -1,6 +1,6 @@
 """The HTTP and WebSocket API. Where a comment starts its way:
 
-    POST /v1/comments -> post_comment(): checked into a Draft, given a snowflake id (ids.py)
+    POST /v1/comments -> _create_comment(): checked into a Draft, given a snowflake id (ids.py)
       -> Comments.accept() (store.py): fsync'd in the write-ahead queue (queue.py); only then 201
       -> Hub.publish() (hub.py): encoded once, offered to each local socket's outbox (conn.py)
          and handed to the bridge (bridge.py) for other instances
