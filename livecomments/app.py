@@ -38,6 +38,7 @@ from livecomments.ids import SnowflakeGenerator, wall_clock_ms
 from livecomments.lease import InstanceLease
 from livecomments.metrics import Metrics
 from livecomments.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
+from livecomments.ring import node_key
 from livecomments.store import Comments, PageQuery, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def make_bridge(settings: Settings, metrics: Metrics) -> Bridge:
 async def apply_reload(app: web.Application, settings: Settings) -> None:
     """SIGHUP: take the keys that can change at runtime (today: the Redis ring)."""
     await app[HUB].reconfigure(settings.redis)
-    log.info("reload: applied redis.urls = %s", settings.redis.urls)
+    log.info("reload: applied redis.urls = %s", [node_key(u) for u in settings.redis.urls])
 
 
 # -- lifecycle ----------------------------------------------------------------------------------

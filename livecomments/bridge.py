@@ -22,8 +22,9 @@ class HubListener(Protocol):
     def deliver(self, post_id: str, payload: bytes) -> None:
         """Fan a remote instance's encoded event out to local sockets. Never awaits."""
 
-    def resync(self, post_ids: Iterable[str]) -> None:
-        """Tell local subscribers of these posts they may have missed comments."""
+    def resync(self, post_ids: Iterable[str], since_ms: int) -> None:
+        """Tell local subscribers of these posts they may have missed comments created since
+        `since_ms` (Unix ms: when the bridge last knew it was receiving everything)."""
 
     def local_posts(self) -> Collection[str]:
         """Posts with local subscribers: what a reconnecting bridge must subscribe to again."""

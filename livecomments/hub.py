@@ -27,6 +27,7 @@ from livecomments.bridge import Bridge
 from livecomments.comment import Comment
 from livecomments.config import RedisSettings
 from livecomments.conn import text_frame
+from livecomments.ids import lowest_id_at
 from livecomments.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,17 @@ def comment_event(comment: Comment) -> bytes:
     return orjson.dumps({"type": "comment", "comment": comment.to_wire()})
 
 
-def resync_event(post_id: str) -> bytes:
-    return orjson.dumps({"type": "resync", "post_id": post_id})
+# Clocks of different hosts disagree a little; a resync reaches this much further back.
+RESYNC_CLOCK_SKEW_MS = 5_000
+
+
+def resync_event(post_id: str, since_ms: int) -> bytes:
+    """`after` is an id below every comment created since `since_ms` on any instance: a client
+    refetches from the smaller of it and its own newest id, and skips ids it already shows.
+    (Its newest id alone is not enough: comments accepted by this instance kept arriving during
+    the gap, so the newest shown may be newer than a remote comment that was missed.)"""
+    after = lowest_id_at(since_ms - RESYNC_CLOCK_SKEW_MS)
+    return orjson.dumps({"type": "resync", "post_id": post_id, "after": str(after)})
 
 
 class _KeyedLocks:
@@ -167,12 +177,12 @@ class Hub:
             delivered += sub.offer(frame)
         self._metrics.inc("deliveries_total", delivered)
 
-    def resync(self, post_ids: Iterable[str]) -> None:
+    def resync(self, post_ids: Iterable[str], since_ms: int) -> None:
         for post_id in post_ids:
             subs = self._posts.get(post_id)
             if subs:
                 self._metrics.inc("resyncs_total", len(subs))
-                self.deliver(post_id, resync_event(post_id))
+                self.deliver(post_id, resync_event(post_id, since_ms))
 
     # -- for the bridge and for status ---------------------------------------------------------
 

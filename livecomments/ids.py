@@ -68,5 +68,10 @@ def timestamp_ms(snowflake: int) -> int:
     return (snowflake >> _TIME_SHIFT) + EPOCH_MS
 
 
+def lowest_id_at(unix_ms: int) -> int:
+    """The smallest id any instance can issue at `unix_ms`: a lower bound for `after=`."""
+    return max(0, unix_ms - EPOCH_MS) << _TIME_SHIFT
+
+
 def instance_of(snowflake: int) -> int:
     return (snowflake >> SEQUENCE_BITS) & MAX_INSTANCE

@@ -5,7 +5,9 @@ instance computes the same answer. Per server this instance keeps one `RedisNode
 
 * **One Pub/Sub connection**, whatever the number of posts or sockets. It is subscribed to the
   channel of each post that has local subscribers and maps to this server, plus this instance's
-  probe channel. `subscribe()` returns only once Redis confirmed the SUBSCRIBE, or raises.
+  probe channel. `subscribe()` returns only once Redis confirmed the SUBSCRIBE, or raises
+  `NodeUnavailable`: at once while the server is down (between reconnect attempts), after at
+  most `timeout` seconds while it is connecting or does not confirm.
   Requests are batched: while one SUBSCRIBE/UNSUBSCRIBE round is in flight, the others only mark
   the wanted set; the next round sends the whole difference as one SUBSCRIBE and one UNSUBSCRIBE
   (at most `SUBSCRIBE_BATCH` channels per command).
@@ -27,13 +29,17 @@ instance computes the same answer. Per server this instance keeps one `RedisNode
   buffer (`publish_buffer`; when full the oldest event is dropped and counted). A worker drains
   it on a separate, ordinary connection, pipelining up to `PUBLISH_BATCH` PUBLISHes per round
   trip. A failed batch is retried (backoff) for at most `publish_retry` seconds, then dropped,
-  counted and logged. Dropped events are not seen live by other instances' sockets.
+  counted and logged. A dropped event is not lost in silence: once the server takes publishes
+  again, the node sends a LOST notice per affected post (at most `publish_buffer` posts
+  remembered), and the other instances resync that post's subscribers.
 
-Envelope. A message on a post channel is `b"1" + node_id + seq + b"|" + payload`: a version
+Envelope. A message on a post channel is `b"1" + node_id + seq + kind + payload`: a version
 byte, this bridge's random node id (16 hex digits, new at every start), a per-bridge sequence
-number (16 hex digits) and the hub's encoded event, delivered as is (encode once). A bridge drops
-its own echo by node id, and drops a (node id, seq) it already saw from that server: a retried
-batch whose first attempt half-succeeded does not deliver twice.
+number (16 hex digits), `b"|"` and the hub's encoded event, delivered as is (encode once), or
+`b"!"` and nothing (a LOST notice). A bridge drops its own echo by node id, and drops a
+(node id, seq) no newer than the last it saw from that origin on that server: a retried batch
+whose first attempt reached Redis after all does not deliver twice. (One worker publishes to a
+server in order, so each origin's sequence only grows on each server.)
 
 Channels: `livecomments:post:<post_id>` and `livecomments:probe:<node_id>`.
 
@@ -76,6 +82,7 @@ from redis.exceptions import RedisError
 
 from livecomments.bridge import HubListener
 from livecomments.config import RedisSettings
+from livecomments.ids import wall_clock_ms
 from livecomments.metrics import Metrics
 from livecomments.ring import Ring, node_key
 
@@ -84,6 +91,8 @@ log = logging.getLogger(__name__)
 CHANNEL_PREFIX = "livecomments:post:"
 PROBE_PREFIX = "livecomments:probe:"
 ENVELOPE_VERSION = b"1"
+EVENT = b"|"  # the header's last byte: an event follows
+LOST = b"!"  # ... or none: events of this post were dropped, resync its subscribers
 _ID_LEN = 16  # hex digits of the node id and of the sequence number
 _HEADER_LEN = 1 + _ID_LEN + _ID_LEN + 1
 
@@ -111,7 +120,7 @@ class DeafConnection(ConnectionError):
 
 
 class Backoff:
-    """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    """Capped exponential backoff, jittered: uniform(c / 2, c), c = min(cap, base * 2**attempt)."""
 
     def __init__(self, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> None:
         self.base = base
@@ -128,7 +137,12 @@ class Backoff:
 
 
 def pack_envelope(origin: bytes, seq: int, payload: bytes) -> bytes:
-    return ENVELOPE_VERSION + origin + b"%016x|" % seq + payload
+    return ENVELOPE_VERSION + origin + b"%016x" % seq + EVENT + payload
+
+
+def pack_lost_notice(origin: bytes, seq: int, since_ms: int) -> bytes:
+    """`since_ms`: when the oldest dropped event of this post was published (Unix ms)."""
+    return ENVELOPE_VERSION + origin + b"%016x" % seq + LOST + b"%d" % since_ms
 
 
 def _connection_kwargs(name: str) -> dict[str, Any]:
@@ -152,7 +166,9 @@ class RedisNode:
         settings: RedisSettings,
         metrics: Metrics,
         node_id: bytes,
+        *,
         owns: Callable[[str], bool],
+        next_seq: Callable[[], int],
     ) -> None:
         self.url = url
         self.name = node_key(url)
@@ -160,6 +176,7 @@ class RedisNode:
         self._metrics = metrics
         self._node_id = node_id
         self._owns = owns
+        self._next_seq = next_seq
         self._listener: HubListener | None = None
         self._probe_channel = PROBE_PREFIX + node_id.decode()
         self._probe_channel_b = self._probe_channel.encode()
@@ -186,7 +203,10 @@ class RedisNode:
         self._last_seq: dict[bytes, int] = {}
         self._ever_up = False
         # -- publishing
-        self._outbox: deque[tuple[str, bytes]] = deque()
+        # (channel, envelope, when it was published: Unix ms, for the LOST notice's `since`)
+        self._outbox: deque[tuple[str, bytes, int]] = deque()
+        # channel -> oldest dropped event's publish time, for posts that still need a LOST notice
+        self._lost: dict[str, int] = {}
         self._outbox_ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -194,8 +214,12 @@ class RedisNode:
         self.reconnects = 0
         self.last_error: str | None = None
         self.dropped = 0
+        self.lost_notices_dropped = 0
         self.published = 0
         self.last_probe_ok: float | None = None
+        # Wall clock of the last proof that this connection received everything (a probe echo,
+        # or the session coming up): a resync after a loss covers comments since then.
+        self.last_alive_ms: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -229,8 +253,7 @@ class RedisNode:
         """A reload: probe_interval, publish_retry and timeout apply from their next use."""
         self.settings = settings
         while len(self._outbox) > settings.publish_buffer:
-            self._outbox.popleft()
-            self._count_dropped(1)
+            self._drop_oldest()
 
     # -- subscriptions -------------------------------------------------------------------------
 
@@ -364,9 +387,11 @@ class RedisNode:
             self._ever_up = True
             restored = [p for p in owned if CHANNEL_PREFIX + p in self._confirmed]
             log.info("redis %s: Pub/Sub connected, following %d posts", self.name, len(restored))
+            since_ms = self.last_alive_ms or wall_clock_ms()
+            self.last_alive_ms = wall_clock_ms()
             if restored:
                 # Published while we were away means lost: tell those clients to refetch.
-                self._listener.resync(restored)
+                self._listener.resync(restored, since_ms)
             tasks.append(
                 asyncio.create_task(
                     self._command_worker(conn, reader), name=f"redis-commands {self.name}"
@@ -421,7 +446,8 @@ class RedisNode:
         if channel == self._probe_channel_b:
             self._on_probe(data)
             return
-        if len(data) < _HEADER_LEN or data[:1] != ENVELOPE_VERSION or data[33:34] != b"|":
+        kind = data[_HEADER_LEN - 1 : _HEADER_LEN]
+        if len(data) < _HEADER_LEN or data[:1] != ENVELOPE_VERSION or kind not in (EVENT, LOST):
             self._metrics.inc("redis_discarded_total")
             log.warning("redis %s: dropped a malformed message on %r", self.name, channel[:100])
             return
@@ -442,11 +468,15 @@ class RedisNode:
         self._last_seq[origin] = seq
         if len(self._last_seq) > MAX_ORIGINS:
             del self._last_seq[next(iter(self._last_seq))]
-        self._metrics.inc("redis_received_total")
         post_id = channel[len(CHANNEL_PREFIX) :].decode()
         assert self._listener is not None
         try:
-            self._listener.deliver(post_id, data[_HEADER_LEN:])
+            if kind == LOST:
+                since = data[_HEADER_LEN:]
+                self._listener.resync([post_id], int(since) if since.isdigit() else 0)
+            else:
+                self._metrics.inc("redis_received_total")
+                self._listener.deliver(post_id, data[_HEADER_LEN:])
         except Exception:
             # A bug downstream must not stop every other post's traffic: log it and go on.
             log.exception("redis %s: delivering to post %s failed", self.name, post_id)
@@ -506,6 +536,7 @@ class RedisNode:
             except RedisError as e:
                 raise DeafConnection(f"probe PUBLISH failed: {e}") from e
             self.last_probe_ok = time.monotonic()
+            self.last_alive_ms = wall_clock_ms()
 
     def _on_probe(self, data: bytes) -> None:
         try:
@@ -522,20 +553,35 @@ class RedisNode:
     def enqueue(self, channel: str, envelope: bytes) -> None:
         """Queue one PUBLISH; never awaits. When the buffer is full the oldest is dropped."""
         if len(self._outbox) >= self.settings.publish_buffer:
-            self._outbox.popleft()
-            self._count_dropped(1)
-        self._outbox.append((channel, envelope))
+            self._drop_oldest()
+            if self.dropped % 1000 == 1:
+                log.warning(
+                    "redis %s: publish buffer full, dropping the oldest events (%d so far)",
+                    self.name,
+                    self.dropped,
+                )
+        self._outbox.append((channel, envelope, wall_clock_ms()))
         self._outbox_ready.set()
 
-    def _count_dropped(self, n: int) -> None:
-        if self.dropped == 0 or (self.dropped + n) // 1000 != self.dropped // 1000:
-            log.warning(
-                "redis %s: publish buffer full, dropping oldest events (%d dropped so far)",
-                self.name,
-                self.dropped + n,
-            )
-        self.dropped += n
-        self._metrics.inc("redis_publish_dropped_total", n)
+    def _drop_oldest(self) -> None:
+        channel, _, published_ms = self._outbox.popleft()
+        self._drop(channel, published_ms)
+
+    def _drop(self, channel: str, published_ms: int) -> None:
+        """Count an event that will never be published; its post's subscribers get told."""
+        self.dropped += 1
+        self._metrics.inc("redis_publish_dropped_total")
+        if channel in self._lost or len(self._lost) < self.settings.publish_buffer:
+            self._lost[channel] = min(self._lost.get(channel, published_ms), published_ms)
+        else:
+            self.lost_notices_dropped += 1
+
+    def _send_lost_notices(self) -> None:
+        """After a successful batch: one LOST notice per post whose events we dropped, so that
+        other instances resync its subscribers rather than miss comments in silence."""
+        lost, self._lost = self._lost, {}
+        for channel, since_ms in lost.items():
+            self.enqueue(channel, pack_lost_notice(self._node_id, self._next_seq(), since_ms))
 
     async def publish_worker(self) -> None:
         """Drain the buffer in pipelined batches; never ends (errors are logged, backed off)."""
@@ -563,15 +609,15 @@ class RedisNode:
             try:
                 async with asyncio.timeout(self.settings.timeout):
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for channel, envelope in batch:
+                        for channel, envelope, _ in batch:
                             pipe.publish(channel, envelope)
                         await pipe.execute()
             except (RedisError, OSError, TimeoutError) as e:
                 self.last_error = f"publish: {type(e).__name__}: {e}"
                 waited = loop.time() - first_failure
                 if waited >= self.settings.publish_retry:
-                    self.dropped += len(batch)
-                    self._metrics.inc("redis_publish_dropped_total", len(batch))
+                    for channel, _, published_ms in batch:
+                        self._drop(channel, published_ms)
                     log.warning(
                         "redis %s: dropped %d events after retrying for %.1fs: %s",
                         self.name,
@@ -586,6 +632,8 @@ class RedisNode:
             backoff.reset()
             self.published += len(batch)
             self._metrics.inc("redis_published_total", len(batch))
+            if self._lost:
+                self._send_lost_notices()
             return
 
     # -- status --------------------------------------------------------------------------------
@@ -610,6 +658,8 @@ class RedisNode:
             "last_error": self.last_error,
             "reconnects": self.reconnects,
             "dropped_publishes": self.dropped,
+            "lost_notices_pending": len(self._lost),
+            "lost_notices_dropped": self.lost_notices_dropped,
             "published": self.published,
             "buffered": len(self._outbox),
             "last_probe_age": probe_age,
@@ -640,9 +690,9 @@ class RedisBridge:
         self._ring = Ring(settings.urls)
         self._previous: Ring | None = None  # the ring before a change, during its grace
         self._generation = 0  # bumped by every ring change
+        self._seq = 0  # of this bridge's envelopes, over all servers
         self._nodes: dict[str, RedisNode] = {url: self._new_node(url) for url in self._ring.urls}
         self._listener: HubListener | None = None
-        self._seq = 0
         self._reconfiguring = asyncio.Lock()
         self._grace_task: asyncio.Task[None] | None = None
 
@@ -652,8 +702,13 @@ class RedisBridge:
             self._settings,
             self._metrics,
             self.node_id,
-            lambda post: url in self._targets(post),
+            owns=lambda post: url in self._targets(post),
+            next_seq=self._next_seq,
         )
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def _targets(self, post_id: str) -> list[str]:
         """Servers that must carry `post_id` for us: its own, and during a grace its old one."""
@@ -717,9 +772,9 @@ class RedisBridge:
 
     def publish(self, post_id: str, payload: bytes) -> None:
         try:
-            self._seq += 1
             node = self._nodes[self._ring.node_for(post_id)]
-            node.enqueue(CHANNEL_PREFIX + post_id, pack_envelope(self.node_id, self._seq, payload))
+            envelope = pack_envelope(self.node_id, self._next_seq(), payload)
+            node.enqueue(CHANNEL_PREFIX + post_id, envelope)
         except Exception:
             # The comment is durable and delivered here; a bug must not fail the POST.
             log.exception("redis: publish for post %s failed", post_id)
@@ -760,10 +815,10 @@ class RedisBridge:
     async def _move_to(self, new_ring: Ring) -> None:
         assert self._listener is not None
         old_ring = self._ring
-        for url in new_ring.urls:
-            if url not in self._nodes:
-                self._nodes[url] = self._new_node(url)
-                self._nodes[url].start(self._listener)
+        added = [url for url in new_ring.urls if url not in self._nodes]
+        for url in added:
+            self._nodes[url] = self._new_node(url)
+            self._nodes[url].start(self._listener)
         self._previous, self._ring = old_ring, new_ring
         self._generation += 1
         moved = [
@@ -773,6 +828,14 @@ class RedisBridge:
             *(self._nodes[new_ring.node_for(p)].subscribe(p) for p in moved),
             return_exceptions=True,
         )
+        # The move has a gap (other instances reload at other times), so clients must catch up.
+        # A new server's first session, and any server's reconnect, resyncs what it restores
+        # from local_posts(); here only the posts that joined a server already connected.
+        resync = [
+            post
+            for post, result in zip(moved, results, strict=True)
+            if not isinstance(result, BaseException) and new_ring.node_for(post) not in added
+        ]
         failed = sum(1 for r in results if isinstance(r, BaseException))
         self._metrics.inc("redis_ring_moves_total", len(moved))
         log.info(
@@ -781,8 +844,7 @@ class RedisBridge:
             len(moved),
             failed,
         )
-        # The move has a gap (other instances reload at other times): clients catch up.
-        self._listener.resync(moved)
+        self._listener.resync(resync, wall_clock_ms())
         self._grace_task = asyncio.create_task(self._grace_worker(), name="redis-ring-grace")
 
     async def _grace_worker(self) -> None:

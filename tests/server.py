@@ -33,8 +33,11 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         name: str = "server",
+        config_path: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # A config file to pass with --config (SIGHUP re-reads it); /dev/null when not given.
+        self.config_path = config_path
         self.port = port or free_port()
         self.name = name
         self.log_path = data_dir / f"{name}-{self.port}.log"
@@ -67,7 +70,14 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "livecomments", "--config", os.devnull, "serve"],
+            [
+                sys.executable,
+                "-m",
+                "livecomments",
+                "--config",
+                str(self.config_path or os.devnull),
+                "serve",
+            ],
             cwd=REPO,
             env=self.env(),
             stdout=log,

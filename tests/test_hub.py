@@ -12,6 +12,7 @@ from livecomments.comment import Comment
 from livecomments.config import RedisSettings
 from livecomments.conn import text_frame
 from livecomments.hub import Hub, TooManyPosts
+from livecomments.ids import EPOCH_MS, SnowflakeGenerator, lowest_id_at
 from livecomments.metrics import Metrics
 
 
@@ -181,8 +182,14 @@ async def test_resync_reaches_subscribers_of_the_named_posts_only():
     a, b = FakeSocket(), FakeSocket()
     await hub.subscribe(a, "p")
     await hub.subscribe(b, "q")
-    hub.resync(["p", "unknown"])
-    assert [orjson.loads(payload_of(x)) for x in a.received] == [{"type": "resync", "post_id": "p"}]
+    since = EPOCH_MS + 3_600_000
+    hub.resync(["p", "unknown"], since_ms=since)
+    assert [orjson.loads(payload_of(x)) for x in a.received] == [
+        {"type": "resync", "post_id": "p", "after": str(lowest_id_at(since - 5_000))}
+    ]
+    # A comment created on a host whose clock is 4 s behind ours is still after `after`.
+    later = SnowflakeGenerator(1, lambda: since - 4_000).next_id()
+    assert int(orjson.loads(payload_of(a.received[0]))["after"]) < later
     assert b.received == []
 
 

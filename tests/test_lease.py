@@ -1,0 +1,54 @@
+"""Instance-id leases against a private redis-server: no two live instances share an id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from livecomments.lease import KEY, InstanceIdUnavailable, InstanceLease
+from tests.redis_servers import RedisServer, redis_servers
+
+
+@pytest.fixture
+def redis_node(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_servers(tmp_path) as servers:
+        yield servers.start(1)[0]
+
+
+async def test_auto_leases_pick_distinct_ids(redis_node: RedisServer):
+    leases = [InstanceLease(redis_node.url, -1, timeout=2) for _ in range(5)]
+    try:
+        ids = [await lease.acquire() for lease in leases]
+        assert len(set(ids)) == 5
+        assert all(0 <= i <= 1023 for i in ids)
+    finally:
+        for lease in leases:
+            await lease.release()
+    assert redis_node.command("DBSIZE") == 0  # released leases are gone
+
+
+async def test_an_explicit_id_held_by_a_live_instance_is_refused(redis_node: RedisServer):
+    first = InstanceLease(redis_node.url, 7, timeout=2)
+    second = InstanceLease(redis_node.url, 7, timeout=2)
+    try:
+        assert await first.acquire() == 7
+        with pytest.raises(InstanceIdUnavailable, match=r"server\.instance_id 7 is in use"):
+            await second.acquire()
+        ttl = redis_node.command("PTTL", KEY.format(7))
+        assert 0 < ttl <= 60_000
+    finally:
+        await second.release()
+        await first.release()
+    third = InstanceLease(redis_node.url, 7, timeout=2)
+    assert await third.acquire() == 7  # free again once released
+    await third.release()
+
+
+async def test_unreachable_redis_is_a_clear_error(redis_node: RedisServer):
+    redis_node.kill()
+    lease = InstanceLease(redis_node.url, -1, timeout=0.5)
+    with pytest.raises(InstanceIdUnavailable, match="cannot reach Redis"):
+        await lease.acquire()
+    await lease.release()
