@@ -35,7 +35,7 @@ from livecomments.dedupe import RecentRequests
 from livecomments.errors import ApiError, invalid
 from livecomments.hub import Hub, TooManyPosts
 from livecomments.ids import SnowflakeGenerator, wall_clock_ms
-from livecomments.lease import InstanceLease
+from livecomments.lease import InstanceIdUnavailable, InstanceLease
 from livecomments.metrics import Metrics
 from livecomments.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
 from livecomments.ring import node_key
@@ -120,6 +120,12 @@ async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         app[INSTANCE_ID] = await lease.acquire()
+    except InstanceIdUnavailable as e:
+        if not (e.unreachable and settings.server.instance_id >= 0):
+            await lease.release()
+            raise
+        log.warning("lease: %s; starting as instance %d unchecked", e, settings.server.instance_id)
+        app[INSTANCE_ID] = lease.instance_id = settings.server.instance_id
     except BaseException:
         await lease.release()
         raise

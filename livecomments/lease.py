@@ -9,6 +9,8 @@ it):
 * `server.instance_id = -1` (the default) claims the first free id from a random starting point,
   so identical config files on every host just work.
 * An explicit id that another live instance holds stops start-up with an error naming it.
+* An explicit id starts even while that Redis server is down (the lease is a guard, and renewal
+  keeps trying); `-1` cannot pick an id without it, so start-up stops with an error.
 * If the lease cannot be renewed (Redis down), the instance keeps its id and keeps trying: an
   instance whose lease lapsed during a long Redis outage could share its id with a newcomer, which
   is why the TTL is long and the newcomer starts from a random point.
@@ -50,6 +52,10 @@ return 0
 class InstanceIdUnavailable(Exception):
     """The requested instance id is held by another live instance, or none could be claimed."""
 
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
 
 class InstanceLease:
     def __init__(self, url: str, requested: int, timeout: float) -> None:
@@ -74,7 +80,9 @@ class InstanceLease:
                     self.instance_id = candidate
                     return candidate
         except (RedisError, OSError) as e:
-            raise InstanceIdUnavailable(f"cannot reach Redis to claim an instance id: {e}") from e
+            raise InstanceIdUnavailable(
+                f"cannot reach Redis to claim an instance id: {e}", unreachable=True
+            ) from e
         if self._requested >= 0:
             raise InstanceIdUnavailable(
                 f"server.instance_id {self._requested} is in use by another running instance; "

@@ -9,6 +9,7 @@ import pytest
 
 from livecomments.lease import KEY, InstanceIdUnavailable, InstanceLease
 from tests.redis_servers import RedisServer, redis_servers
+from tests.server import ServerProcess, free_port
 
 
 @pytest.fixture
@@ -52,3 +53,25 @@ async def test_unreachable_redis_is_a_clear_error(redis_node: RedisServer):
     with pytest.raises(InstanceIdUnavailable, match="cannot reach Redis"):
         await lease.acquire()
     await lease.release()
+
+
+def test_server_with_auto_id_refuses_to_start_without_redis(tmp_path: Path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    server = ServerProcess(tmp_path, env={"LIVECOMMENTS_REDIS_URLS": dead})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        server.start(timeout=20)
+    assert "cannot reach Redis to claim an instance id" in server.logs()
+
+
+def test_server_with_explicit_id_starts_while_redis_is_down(start_server):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = {"LIVECOMMENTS_REDIS_URLS": dead, "LIVECOMMENTS_SERVER_INSTANCE_ID": "5"}
+    server = start_server(env=env)
+    assert "starting as instance 5 unchecked" in server.logs()
+
+
+def test_two_servers_cannot_share_an_explicit_id(start_server, redis_node: RedisServer):
+    env = {"LIVECOMMENTS_REDIS_URLS": redis_node.url, "LIVECOMMENTS_SERVER_INSTANCE_ID": "9"}
+    start_server(name="first", env=env)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*instance_id 9 is in use"):
+        start_server(name="second", env=env)
