@@ -375,7 +375,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = app[COMMENTS].status()
     hub = app[HUB].status()
     bridge = app[HUB].bridge_status()
-    queue_full = app[COMMENTS].queue.pending_bytes >= app[SETTINGS].queue.max_bytes
+    queue_full = app[COMMENTS].queue.refusing
     not_ready = []
     if app[STATE]["shutting_down"]:
         not_ready.append("shutting_down")

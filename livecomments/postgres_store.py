@@ -6,10 +6,15 @@ other connection option of a libpq URL that asyncpg understands (sslmode, ...) w
 What it guarantees, and how:
 
 * `insert_many` is one statement: the batch's columns travel as arrays, are turned back into rows
-  by `unnest()`, and go in with `ON CONFLICT (id) DO NOTHING`. So a batch is atomic, costs one
-  round trip whatever its size, and is idempotent on the comment id: a replay after a crash, or a
-  batch with an id twice in it, leaves the stored comment as it was.
-* `page` walks the `(post_id, id)` index forwards or backwards: no sort, however long the post.
+  by `unnest()`, and go in with `ON CONFLICT (post_id, id) DO NOTHING`. So a batch is atomic,
+  costs one round trip whatever its size, and is idempotent: a replay after a crash, or a batch
+  with a comment twice in it, leaves the stored comment as it was.
+* The primary key is `(post_id, id)`, not `id`: a comment never changes post, so it identifies a
+  comment just as well, and it is then the one index of the table. `page` walks it forwards or
+  backwards (no sort, however long the post), each insert updates one index instead of two, and
+  the planner has no index on `id` alone to be tempted by: walking that one backwards and
+  filtering by post looks cheap to it, and reads the whole table for a post with no recent
+  comments.
 * Nothing here waits without a deadline. Connecting gives up after `connect_timeout`, every
   statement after `command_timeout`, taking a pooled connection after `command_timeout` too. A
   database that is down or hung therefore raises promptly, and `store.Comments` turns that into
@@ -64,15 +69,15 @@ MIGRATION_LOCK_ID = int.from_bytes(b"lcmigrat", "big")
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE IF NOT EXISTS comments (
-        id bigint PRIMARY KEY,
+        id bigint NOT NULL,
         post_id text NOT NULL,
         uid text NOT NULL,
         message text NOT NULL,
         parent_id text,
         reply_to text,
-        created_at bigint NOT NULL
+        created_at bigint NOT NULL,
+        CONSTRAINT comments_pkey PRIMARY KEY (post_id, id)
     );
-    CREATE INDEX IF NOT EXISTS comments_post_id_id ON comments (post_id, id);
     """,
 ]
 
@@ -83,7 +88,7 @@ INSERT_SQL = f"""
     SELECT * FROM unnest(
         $1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[]
     )
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT (post_id, id) DO NOTHING
 """
 
 # "This connection is gone", not "this statement failed": asyncpg raises it when the server closed
@@ -210,23 +215,18 @@ def page_sql(query: PageQuery) -> tuple[str, tuple[object, ...]]:
 
 
 async def migrate(con: Any) -> int:
-    """Bring the schema to the latest version; return it. Safe to repeat and to race."""
+    """Bring the schema to the latest version; return it. Safe to repeat and to race.
+
+    A schema that is already current costs no DDL, so a role with only SELECT and INSERT on the
+    tables can open the store once a role that may create them has migrated.
+    """
     async with con.transaction():
         # Held to the end of this transaction: a racing migrator waits here, then sees our rows.
         await con.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
-        await con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        rows = await con.fetch("SELECT version FROM schema_migrations")
-        applied = {int(row["version"]) for row in rows}
-        for version, script in enumerate(MIGRATIONS, start=1):
-            if version in applied:
-                continue
-            await con.execute(script)
-            await con.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            log.info("postgres: applied migration %d", version)
+        applied: set[int] = set()
+        if await con.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+            rows = await con.fetch("SELECT version FROM schema_migrations")
+            applied = {int(row["version"]) for row in rows}
         newest = max(applied, default=0)
         if newest > len(MIGRATIONS):
             # A newer release migrated this database; it must stay readable by this one
@@ -234,4 +234,15 @@ async def migrate(con: Any) -> int:
             log.warning(
                 "postgres: schema is at version %d, this release knows %d", newest, len(MIGRATIONS)
             )
+        pending = [v for v in range(1, len(MIGRATIONS) + 1) if v not in applied]
+        if pending:
+            await con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        for version in pending:
+            await con.execute(MIGRATIONS[version - 1])
+            await con.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            log.info("postgres: applied migration %d", version)
         return max(newest, len(MIGRATIONS))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import sqlite3
 import time
@@ -67,14 +68,19 @@ class WriteAheadQueue:
         self._waiting_bytes = 0
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        # Unflushed comments, in id order, and per post for read-your-writes.
-        self._pending: dict[int, tuple[Comment, int]] = {}
+        # Unflushed comments as their encoded bytes (a third of the memory of Comment objects),
+        # in id order (= commit order: ids are issued and queued without an await between),
+        # and their ids per post for read-your-writes.
+        self._pending: dict[int, bytes] = {}
         self._by_post: dict[str, list[int]] = {}
         self._pending_bytes = 0
         self._has_pending = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
         self._closing = False
+        # The last enqueue() was refused for want of room, and nothing was flushed since:
+        # /readyz says "full" although the bytes held may be short of max_bytes.
+        self.refusing = False
         self.last_id = 0
         self.commits = 0
         self.recovered_rows = 0
@@ -85,8 +91,8 @@ class WriteAheadQueue:
         """Open (or create) the file and replay what a previous run left unflushed."""
         loop = asyncio.get_running_loop()
         rows, last_id = await loop.run_in_executor(self._executor, self._open_sync)
-        for _, payload in rows:
-            self._remember(Comment.decode(payload), len(payload))
+        for comment_id, post_id, payload in rows:
+            self._remember(comment_id, post_id, payload)
         self.last_id = max(last_id, max(self._pending, default=0))
         self.recovered_rows = len(rows)
         if rows:
@@ -112,6 +118,7 @@ class WriteAheadQueue:
             raise QueueWriteFailed("the queue is closing")
         payload = comment.encode()
         if self._pending_bytes + self._waiting_bytes + len(payload) > self._max_bytes:
+            self.refusing = True
             raise QueueFull(f"write-ahead queue holds {self._pending_bytes} bytes unflushed")
         waiter = _Waiter(comment, payload, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
@@ -140,32 +147,27 @@ class WriteAheadQueue:
                     continue
                 self.commits += 1
                 for w in group:
-                    self._remember(w.comment, len(w.payload))
+                    self._remember(w.comment.id, w.comment.post_id, w.payload)
                     self.last_id = max(self.last_id, w.comment.id)
                     if not w.future.done():
                         w.future.set_result(None)
 
     # -- the read side, for the flusher and for read-your-writes -------------------------------
 
-    def _remember(self, comment: Comment, size: int) -> None:
-        self._pending[comment.id] = (comment, size)
-        bisect.insort(self._by_post.setdefault(comment.post_id, []), comment.id)
-        self._pending_bytes += size
+    def _remember(self, comment_id: int, post_id: str, payload: bytes) -> None:
+        self._pending[comment_id] = payload
+        bisect.insort(self._by_post.setdefault(post_id, []), comment_id)
+        self._pending_bytes += len(payload)
         self._has_pending.set()
         self._empty.clear()
 
     def pending_for_post(self, post_id: str) -> list[Comment]:
         """Committed but not yet flushed comments of one post, ascending by id."""
-        return [self._pending[i][0] for i in self._by_post.get(post_id, ())]
+        return [Comment.decode(self._pending[i]) for i in self._by_post.get(post_id, ())]
 
     def oldest(self, limit: int) -> list[Comment]:
         """Up to `limit` unflushed comments, oldest first (dicts keep insertion order)."""
-        out: list[Comment] = []
-        for comment, _ in self._pending.values():
-            out.append(comment)
-            if len(out) >= limit:
-                break
-        return out
+        return [Comment.decode(p) for p in itertools.islice(self._pending.values(), limit)]
 
     async def wait_pending(self) -> None:
         """Return when there is at least one unflushed comment."""
@@ -180,20 +182,32 @@ class WriteAheadQueue:
     async def ack(self, comments: list[Comment]) -> None:
         """The store has these; forget them (memory first, then the file)."""
         ids = [c.id for c in comments]
+        acked: dict[str, set[int]] = {}
         for c in comments:
-            entry = self._pending.pop(c.id, None)
-            if entry is None:
-                continue
-            self._pending_bytes -= entry[1]
-            ids_of_post = self._by_post[c.post_id]
-            del ids_of_post[bisect.bisect_left(ids_of_post, c.id)]
-            if not ids_of_post:
-                del self._by_post[c.post_id]
+            payload = self._pending.pop(c.id, None)
+            if payload is not None:
+                self._pending_bytes -= len(payload)
+                acked.setdefault(c.post_id, set()).add(c.id)
+        for post_id, gone in acked.items():
+            self._forget_ids(post_id, gone)
+        self.refusing = False
         if not self._pending:
             self._empty.set()
         loop = asyncio.get_running_loop()
         # If this delete is lost in a crash the rows are flushed again: inserts are idempotent.
         await loop.run_in_executor(self._executor, self._delete_sync, ids)
+
+    def _forget_ids(self, post_id: str, gone: set[int]) -> None:
+        ids_of_post = self._by_post[post_id]
+        # Flushes go oldest first, so what goes is a prefix of the post's list: one slice
+        # deletion per post and batch, not one list shift per comment (a hot post's list is long).
+        k = len(gone)
+        if set(ids_of_post[:k]) == gone:
+            del ids_of_post[:k]
+        else:
+            ids_of_post[:] = [i for i in ids_of_post if i not in gone]
+        if not ids_of_post:
+            del self._by_post[post_id]
 
     @property
     def depth(self) -> int:
@@ -207,11 +221,11 @@ class WriteAheadQueue:
         first = next(iter(self._pending.values()), None)
         if first is None:
             return 0.0
-        return max(0.0, time.time() - first[0].created_at / 1000)
+        return max(0.0, time.time() - Comment.decode(first).created_at / 1000)
 
     # -- on the queue's own thread -------------------------------------------------------------
 
-    def _open_sync(self) -> tuple[list[tuple[int, bytes]], int]:
+    def _open_sync(self) -> tuple[list[tuple[int, str, bytes]], int]:
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / QUEUE_FILE
         salvaged: list[tuple[int, str, bytes]] = []
@@ -239,7 +253,7 @@ class WriteAheadQueue:
         self._db = db
         if salvaged:
             self._commit_sync(salvaged)
-        rows = db.execute("SELECT id, payload FROM queue ORDER BY id").fetchall()
+        rows = db.execute("SELECT id, post_id, payload FROM queue ORDER BY id").fetchall()
         (last_id,) = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
         return rows, int(last_id)
 

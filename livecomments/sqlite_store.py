@@ -8,12 +8,18 @@ transaction, so running them twice or from two processes at once is safe.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 from pathlib import Path
 
 import aiosqlite
 
 from livecomments.comment import Comment
 from livecomments.store import PageQuery
+
+# Seconds to wait for another connection that holds the file's locks.
+BUSY_TIMEOUT = 5.0
 
 # Append only: each entry moves the schema from version N to N+1.
 MIGRATIONS: list[str] = [
@@ -49,15 +55,22 @@ class SQLiteStore:
 
     async def open(self) -> None:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await migrate(self._writer)
-        self._reader = await self._connect()
+        try:
+            self._writer = await self._connect()
+            await migrate(self._writer)
+            self._reader = await self._connect()
+        except BaseException:
+            await self.close()  # an open connection's thread would keep the process alive
+            raise
 
     async def _connect(self) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=5000")
+        db = await aiosqlite.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            await _use_wal(db)
+            await db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            await db.close()
+            raise
         return db
 
     async def close(self) -> None:
@@ -95,6 +108,21 @@ class SQLiteStore:
         if query.after is None:
             comments.reverse()
         return comments
+
+
+async def _use_wal(db: aiosqlite.Connection) -> None:
+    """Switch the file to WAL. A new file's switch takes an exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy wait, to a second connection switching the
+    same file at that moment (two instances starting together): retry until BUSY_TIMEOUT."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.01)
 
 
 def page_sql(query: PageQuery) -> tuple[str, tuple[object, ...]]:
