@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from livecomments.comment import Comment
-from livecomments.store import PageQuery
+from livecomments.store import COLUMNS, PageQuery, page_sql
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_COLUMNS = "id, post_id, uid, message, parent_id, reply_to, created_at"
 
 INSERT_SQL = f"""
-    INSERT INTO comments ({_COLUMNS})
+    INSERT INTO comments ({COLUMNS})
     SELECT * FROM unnest(
         $1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[]
     )
@@ -97,6 +96,11 @@ INSERT_SQL = f"""
 # A refused connect or a timeout is not retried: the server is down or hung, and a second wait
 # would only double the time the caller waits to hear so.
 _STALE = asyncpg.ConnectionDoesNotExistError
+
+
+def sql_param(n: int) -> str:
+    """PostgreSQL's placeholder: numbered."""
+    return f"${n}"
 
 
 class PostgresStore:
@@ -155,7 +159,7 @@ class PostgresStore:
         await self._run(lambda con: con.execute(INSERT_SQL, *columns))
 
     async def page(self, query: PageQuery) -> list[Comment]:
-        sql, args = page_sql(query)
+        sql, args = page_sql(query, COLUMNS, sql_param)
         rows: list[Any] = await self._run(lambda con: con.fetch(sql, *args))
         comments = [Comment(*row) for row in rows]
         if query.after is None:
@@ -191,7 +195,7 @@ def _server_settings(url: str) -> dict[str, str]:
 
 
 def _columns(comments: list[Comment]) -> tuple[list[Any], ...]:
-    """The batch as one list per column, in `_COLUMNS` order, for `unnest()`."""
+    """The batch as one list per column, in `COLUMNS` order, for `unnest()`."""
     return (
         [c.id for c in comments],
         [c.post_id for c in comments],
@@ -201,17 +205,6 @@ def _columns(comments: list[Comment]) -> tuple[list[Any], ...]:
         [c.reply_to for c in comments],
         [c.created_at for c in comments],
     )
-
-
-def page_sql(query: PageQuery) -> tuple[str, tuple[object, ...]]:
-    """The page's window, walked along the (post_id, id) index: no sort step."""
-    select = f"SELECT {_COLUMNS} FROM comments WHERE post_id = $1"
-    n = query.limit + 1
-    if query.after is not None:
-        return f"{select} AND id > $2 ORDER BY id ASC LIMIT $3", (query.post_id, query.after, n)
-    if query.before is not None:
-        return f"{select} AND id < $2 ORDER BY id DESC LIMIT $3", (query.post_id, query.before, n)
-    return f"{select} ORDER BY id DESC LIMIT $2", (query.post_id, n)
 
 
 async def migrate(con: Any) -> int:

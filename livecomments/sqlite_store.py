@@ -16,7 +16,7 @@ from pathlib import Path
 import aiosqlite
 
 from livecomments.comment import Comment
-from livecomments.store import PageQuery
+from livecomments.store import COLUMNS, PageQuery, page_sql
 
 # Seconds to wait for another connection that holds the file's locks.
 BUSY_TIMEOUT = 5.0
@@ -37,7 +37,10 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_COLUMNS = "id, post_id, uid, message, parent_id, reply_to, created_at"
+
+def sql_param(_: int) -> str:
+    """SQLite's placeholder (positional)."""
+    return "?"
 
 
 def sqlite_path(url: str) -> str:
@@ -90,7 +93,7 @@ class SQLiteStore:
         await db.execute("BEGIN IMMEDIATE")
         try:
             await db.executemany(
-                f"INSERT OR IGNORE INTO comments ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                f"INSERT OR IGNORE INTO comments ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
             )
             await db.execute("COMMIT")
         except BaseException:
@@ -101,7 +104,7 @@ class SQLiteStore:
         db = self._reader
         if db is None:
             raise RuntimeError("store is closed")
-        sql, args = page_sql(query)
+        sql, args = page_sql(query, COLUMNS, sql_param)
         async with db.execute(sql, args) as cursor:
             rows = await cursor.fetchall()
         comments = [Comment(*row) for row in rows]
@@ -123,17 +126,6 @@ async def _use_wal(db: aiosqlite.Connection) -> None:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.01)
-
-
-def page_sql(query: PageQuery) -> tuple[str, tuple[object, ...]]:
-    """The page's window, walked along the (post_id, id) index: no sort step."""
-    select = f"SELECT {_COLUMNS} FROM comments WHERE post_id = ?"
-    n = query.limit + 1
-    if query.after is not None:
-        return f"{select} AND id > ? ORDER BY id ASC LIMIT ?", (query.post_id, query.after, n)
-    if query.before is not None:
-        return f"{select} AND id < ? ORDER BY id DESC LIMIT ?", (query.post_id, query.before, n)
-    return f"{select} ORDER BY id DESC LIMIT ?", (query.post_id, n)
 
 
 async def migrate(db: aiosqlite.Connection) -> int:

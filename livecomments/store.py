@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +86,28 @@ def window(comments: list[Comment], query: PageQuery) -> tuple[list[Comment], bo
     if query.after is not None:
         return comments[: query.limit], True
     return comments[-query.limit :], True
+
+
+# The comments table's columns, in the order of Comment's fields (both backends).
+COLUMNS = "id, post_id, uid, message, parent_id, reply_to, created_at"
+
+
+def page_sql(
+    query: PageQuery, columns: str, param: Callable[[int], str]
+) -> tuple[str, tuple[object, ...]]:
+    """The page's window as SQL, walked along the (post_id, id) index: no sort step.
+
+    `param(n)` spells the n-th placeholder in the backend's dialect (`?` or `$n`).
+    Ascending for `after`, descending otherwise: the caller reverses those."""
+    select = f"SELECT {columns} FROM comments WHERE post_id = {param(1)}"
+    n = query.limit + 1
+    if query.after is not None:
+        sql = f"{select} AND id > {param(2)} ORDER BY id ASC LIMIT {param(3)}"
+        return sql, (query.post_id, query.after, n)
+    if query.before is not None:
+        sql = f"{select} AND id < {param(2)} ORDER BY id DESC LIMIT {param(3)}"
+        return sql, (query.post_id, query.before, n)
+    return f"{select} ORDER BY id DESC LIMIT {param(2)}", (query.post_id, n)
 
 
 def in_cursor(comment: Comment, query: PageQuery) -> bool:

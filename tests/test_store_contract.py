@@ -24,7 +24,7 @@ import pytest
 from livecomments import postgres_store, sqlite_store
 from livecomments.comment import Comment
 from livecomments.postgres_store import PostgresStore
-from livecomments.store import CommentStore, PageQuery, open_store, window
+from livecomments.store import COLUMNS, CommentStore, PageQuery, open_store, page_sql, window
 from tests.pg_cluster import PgCluster, pg_cluster, pg_url
 from tests.server import REPO
 
@@ -234,7 +234,7 @@ def test_sqlite_pages_use_the_index_without_a_sort(tmp_path: Path, query: PageQu
         await s.close()
 
     asyncio.run(fill())
-    sql, args = sqlite_store.page_sql(query)
+    sql, args = page_sql(query, COLUMNS, sqlite_store.sql_param)
     with sqlite3.connect(sqlite_store.sqlite_path(url)) as db:
         db.execute("ANALYZE")
         plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
@@ -248,7 +248,7 @@ async def test_postgres_pages_use_the_index_without_a_sort(pg_url: str, query: P
     await s.open()
     await s.insert_many(PLAN_ROWS)
     await s.close()
-    sql, args = postgres_store.page_sql(query)
+    sql, args = page_sql(query, COLUMNS, postgres_store.sql_param)
     con = await asyncpg.connect(pg_url, timeout=10)
     try:
         await con.execute("ANALYZE comments")
