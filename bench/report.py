@@ -1,0 +1,621 @@
+"""What a run prints and writes: the table, the targets of issue 5, the JSON, BENCHMARKS.md.
+
+Everything here reads the results dict that run.py builds (and writes as JSON), so a table can
+be re-rendered from an old results file: `python -m bench.report bench/results/<date>.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.leanws import PROBE_EVERY
+from bench.scenarios import (
+    DRAIN_MAX_S,
+    LIVECOMMENTS_SETTINGS,
+    MAX_POST_LATE_MS,
+    MIN_ARRIVED,
+    P99_BUDGET_MS,
+    SATURATED,
+    SATURATION_FACTOR,
+    SKIP_BELOW,
+)
+
+OURS, PEER = "livecomments", "socketio"
+
+TARGET_DELIVERIES = 100_000
+TARGET_RATIO = 3.0
+TARGET_INGEST_RATE = 5000
+TARGET_INGEST_CONCURRENCY = "50"
+TARGET_ACK_P99_MS = 20.0
+TARGET_RSS_KIB = 20.0
+TARGET_SOCKETS = 10_000
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _n(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    if digits == 0:
+        return f"{round(x):,}"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(ours: Any, theirs: Any) -> float | None:
+    if ours is None or theirs is None:
+        return None
+    if theirs == 0:
+        return math.inf if ours > 0 else None
+    return float(ours) / float(theirs)
+
+
+def _r(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.2f}x"
+
+
+def _lat(summary: Any) -> str:
+    if not isinstance(summary, dict) or not summary.get("n"):
+        return "-"
+    return f"{summary['p50_ms']} / {summary['p99_ms']} / {summary['p99_9_ms']}"
+
+
+def _lowest(run: dict[str, Any]) -> str:
+    steps = run.get("steps") or []
+    if not steps:
+        return "-"
+    low = min(steps, key=lambda s: s["target_deliveries_per_s"])
+    return f"{_lat(low['latency'])} (at {_n(low['deliveries_per_s'])}/s)"
+
+
+def _limited(run: dict[str, Any]) -> str:
+    if "limited_by" not in run:
+        return "-"
+    if run["limited_by"] is None:
+        return "no step failed"
+    return ", ".join(run["limited_by"]) or "neither CPU"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as one markdown table: scenario, measure, ours, theirs, ours / theirs."""
+    sc = results.get("scenarios", {})
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    hot = sc.get("hot_post", {})
+    sizes = sorted({int(s) for server in (OURS, PEER) for s in hot.get(server, {})})
+    for size in sizes:
+        o, t = _get(hot, OURS, str(size)) or {}, _get(hot, PEER, str(size)) or {}
+        name = f"1. Hot post, {size:,} subscribers"
+        rows.append(
+            (
+                name,
+                f"sustained deliveries/s (p99 <= {P99_BUDGET_MS:g} ms, none lost)",
+                _n(o.get("sustained_deliveries_per_s")),
+                _n(t.get("sustained_deliveries_per_s")),
+                _r(
+                    _ratio(o.get("sustained_deliveries_per_s"), t.get("sustained_deliveries_per_s"))
+                ),
+            )
+        )
+        rows.append(
+            (
+                "",
+                "latency p50 / p99 / p99.9 ms at half that rate",
+                _lat(_get(o, "half_rate", "latency")),
+                _lat(_get(t, "half_rate", "latency")),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "latency p50 / p99 / p99.9 ms at the lowest rate tried",
+                _lowest(o),
+                _lowest(t),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "peak deliveries/s at any latency",
+                _n(o.get("peak_throughput_per_s")),
+                _n(t.get("peak_throughput_per_s")),
+                _r(_ratio(o.get("peak_throughput_per_s"), t.get("peak_throughput_per_s"))),
+            )
+        )
+        rows.append(
+            (
+                "",
+                "server CPU at the sustained rate (cores)",
+                _n(_get(o, "best", "server_cpu"), 2),
+                _n(_get(t, "best", "server_cpu"), 2),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "load generator CPU, highest step (cores)",
+                _n(o.get("loadgen_cpu_max"), 2),
+                _n(t.get("loadgen_cpu_max"), 2),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "saturated at the first failing step",
+                _limited(o),
+                _limited(t),
+                "",
+            )
+        )
+        for server, label in ((o, OURS), (t, PEER)):
+            if server.get("error"):
+                rows.append(("", f"{label}: error", server["error"][:80], "", ""))
+
+    many = sc.get("many_posts", {})
+    if many:
+        o, t = _get(many, OURS, "step") or {}, _get(many, PEER, "step") or {}
+        rate = o.get("target_comments_per_s") or t.get("target_comments_per_s")
+        posts = _get(results, "scale_detail", "many_posts")
+        rows.append(
+            (
+                f"2. Many posts: {_n(posts)} posts x 2 sockets, {_n(rate)} comments/s",
+                "latency p50 / p99 / p99.9 ms",
+                _lat(o.get("latency")),
+                _lat(t.get("latency")),
+                _r(_ratio(_get(o, "latency", "p99_ms"), _get(t, "latency", "p99_ms"))) + " (p99)",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "server CPU (cores)",
+                _n(o.get("server_cpu"), 2),
+                _n(t.get("server_cpu"), 2),
+                _r(_ratio(o.get("server_cpu"), t.get("server_cpu"))),
+            )
+        )
+        rows.append(
+            ("", "deliveries arrived", _n(o.get("arrived"), 4), _n(t.get("arrived"), 4), "")
+        )
+        rows.append(
+            (
+                "",
+                "load generator CPU (cores)",
+                _n(o.get("loadgen_cpu"), 2),
+                _n(t.get("loadgen_cpu"), 2),
+                "",
+            )
+        )
+
+    ing = _get(sc, "ingest", OURS) or {}
+    for i, (c, level) in enumerate((ing.get("concurrency") or {}).items()):
+        ack = level["ack"]
+        rows.append(
+            (
+                "3. Ingest (durable POSTs)" if i == 0 else "",
+                f"concurrency {c}: comments/s; ack p50 / p99 ms",
+                f"{_n(level['comments_per_s'])}; {ack['p50_ms']} / {ack['p99_ms']}",
+                "n/a",
+                "",
+            )
+        )
+    if ing.get("fsync"):
+        f = ing["fsync"]
+        rows.append(
+            (
+                "",
+                "disk floor: write+fsync p50 / p99 ms (fsyncs/s)",
+                f"{f['p50_ms']} / {f['p99_ms']} ({_n(f['fsyncs_per_s'])})",
+                "",
+                "",
+            )
+        )
+
+    idle = sc.get("idle", {})
+    if idle:
+        o, t = idle.get(OURS, {}), idle.get(PEER, {})
+        n = _get(results, "scale_detail", "idle_n")
+        rows.append(
+            (
+                f"4. Idle, {_n(n)} subscribed sockets",
+                "server RSS per socket (KiB)",
+                _n(o.get("rss_per_socket_kib"), 1),
+                _n(t.get("rss_per_socket_kib"), 1),
+                _r(_ratio(o.get("rss_per_socket_kib"), t.get("rss_per_socket_kib"))),
+            )
+        )
+        rows.append(
+            (
+                "",
+                "sockets held after the hold",
+                _n(o.get("held_after_hold")),
+                _n(t.get("held_after_hold")),
+                "",
+            )
+        )
+
+    for name, scenario in sc.items():
+        if scenario.get("error"):
+            rows.append((name, "error", scenario["error"][:100], "", ""))
+
+    head = ("Scenario", "Measure", "livecomments", "python-socketio", "ours / theirs")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The acceptance bar of issue 5, judged on this run (meaningful on the full scale)."""
+    sc = results.get("scenarios", {})
+    out: list[dict[str, Any]] = []
+    hot = sc.get("hot_post", {})
+    ours = {s: r.get("sustained_deliveries_per_s") or 0 for s, r in hot.get(OURS, {}).items()}
+    best_size = max(ours, key=lambda s: ours[s]) if ours else None
+    best = ours.get(best_size, 0) if best_size else 0
+    out.append(
+        {
+            "target": f">= {TARGET_DELIVERIES:,} deliveries/s at p99 <= {P99_BUDGET_MS:g} ms",
+            "measured": f"{best:,}/s ({best_size} subscribers)" if best_size else "-",
+            "pass": best >= TARGET_DELIVERIES,
+        }
+    )
+    # Per size: the ratio of sustained rates; where the peer sustained none (even one comment's
+    # fan-out failed p99), that ratio is infinite and says nothing: the peaks are compared.
+    ratios: dict[str, tuple[float, str]] = {}
+    for size, mine in sorted(ours.items(), key=lambda kv: int(kv[0])):
+        peer = _get(hot, PEER, size)
+        if not isinstance(peer, dict) or "steps" not in peer:
+            continue
+        if peer.get("sustained_deliveries_per_s"):
+            r = _ratio(mine, peer["sustained_deliveries_per_s"])
+            kind = "sustained"
+        else:
+            r = _ratio(
+                _get(hot, OURS, size, "peak_throughput_per_s"), peer.get("peak_throughput_per_s")
+            )
+            kind = "peak"
+        if r is not None:
+            ratios[size] = (r, kind)
+    worst = min((r for r, _ in ratios.values()), default=None)
+    out.append(
+        {
+            "target": f">= {TARGET_RATIO:g}x python-socketio on the hot post (every size)",
+            "measured": ", ".join(f"{s}: {_r(r)} ({k})" for s, (r, k) in ratios.items()) or "-",
+            "pass": worst is not None and worst >= TARGET_RATIO,
+        }
+    )
+    level = _get(sc, "ingest", OURS, "concurrency", TARGET_INGEST_CONCURRENCY) or {}
+    rate, p99 = level.get("comments_per_s") or 0, _get(level, "ack", "p99_ms")
+    out.append(
+        {
+            "target": f">= {TARGET_INGEST_RATE:,} durable comments/s at concurrency "
+            f"{TARGET_INGEST_CONCURRENCY}, ack p99 <= {TARGET_ACK_P99_MS:g} ms",
+            "measured": f"{_n(rate)}/s, p99 {p99} ms" if level else "-",
+            "pass": rate >= TARGET_INGEST_RATE and p99 is not None and p99 <= TARGET_ACK_P99_MS,
+        }
+    )
+    rss = _get(sc, "idle", OURS, "rss_per_socket_kib")
+    out.append(
+        {
+            "target": f"<= {TARGET_RSS_KIB:g} KiB server RSS per idle subscribed socket",
+            "measured": f"{rss} KiB" if rss is not None else "-",
+            "pass": rss is not None and rss <= TARGET_RSS_KIB,
+        }
+    )
+    held = _get(sc, "idle", OURS, "held_after_hold")
+    out.append(
+        {
+            "target": f"{TARGET_SOCKETS:,} concurrent sockets held by one process",
+            "measured": f"{_n(held)} held" if held is not None else "-",
+            "pass": held is not None and held >= TARGET_SOCKETS,
+        }
+    )
+    return out
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    lines = ["| Target | Measured | Met |", "|---|---|---|"]
+    for t in targets(results):
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['pass'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def noise(results: dict[str, Any]) -> dict[str, Any]:
+    """How busy the machine was with work not ours, from the measured steps of the run.
+
+    For each step: busy share of the server's CPU minus the server's own CPU, and of the load
+    generators' CPU minus theirs (the orchestrator's little share is counted as foreign).
+    """
+    server_cpu = _get(results, "pinning", "server_cpu")
+    loadgen_cpus = str(_get(results, "pinning", "loadgen_cpus"))
+    server_core = f"cpu{server_cpu}" if server_cpu is not None else None
+    loadgen_core = f"cpu{loadgen_cpus}" if loadgen_cpus.isdigit() else None
+    foreign_server: list[float] = []
+    foreign_loadgen: list[float] = []
+    for step in _steps(results):
+        machine = step.get("machine_cpu") or {}
+        if server_core in machine:
+            foreign_server.append(max(0.0, machine[server_core] - step["server_cpu_window"]))
+        if loadgen_core in machine:
+            foreign_loadgen.append(max(0.0, machine[loadgen_core] - step["loadgen_cpu_window"]))
+
+    def stats(xs: list[float]) -> dict[str, float] | None:
+        return {"mean": round(sum(xs) / len(xs), 3), "max": round(max(xs), 3)} if xs else None
+
+    return {
+        "steps": len(foreign_server),
+        "foreign_on_server_core": stats(foreign_server),
+        "foreign_on_loadgen_core": stats(foreign_loadgen),
+        "loadavg_start": results.get("loadavg_start"),
+        "loadavg_end": results.get("loadavg_end"),
+    }
+
+
+def _steps(results: dict[str, Any]) -> list[dict[str, Any]]:
+    sc = results.get("scenarios", {})
+    steps: list[dict[str, Any]] = []
+    for server in _get(sc, "hot_post") or {}:
+        if not isinstance(sc["hot_post"][server], dict):
+            continue
+        for run in sc["hot_post"][server].values():
+            if isinstance(run, dict):
+                steps += [s for s in run.get("steps", []) if isinstance(s, dict)]
+    for server in ("livecomments", "socketio"):
+        step = _get(sc, "many_posts", server, "step")
+        if step:
+            steps.append(step)
+    return steps
+
+
+def loadgen_summary(results: dict[str, Any]) -> str:
+    steps = _steps(results)
+    if not steps:
+        return "no measured steps"
+    worst = max(steps, key=lambda s: s["loadgen_cpu"])
+    busiest = max(s["loadgen_cpu"] for s in steps)
+    return (
+        f"Highest load generator CPU in any step: {busiest:.2f} cores "
+        f"(at {worst['target_deliveries_per_s']:,} target deliveries/s; "
+        f"{worst['deliveries_per_s']:,}/s arrived)"
+    )
+
+
+def profile_text(results: dict[str, Any]) -> str:
+    blocks = []
+    for p in results.get("profiles") or []:
+        if p.get("error"):
+            blocks.append(f"profile: {p['error']}")
+            continue
+        step = p.get("step", {})
+        lines = [
+            f"py-spy, {p['samples']} samples, during a hot-post step at "
+            f"{step.get('target_deliveries_per_s', 0):,} target deliveries/s "
+            f"({step.get('deliveries_per_s', 0):,}/s arrived); raw stacks: {p.get('raw')}",
+            "",
+            "| self % | function |",
+            "|---|---|",
+        ]
+        lines += [f"| {pct} | `{name}` |" for name, pct in p["self_pct"]]
+        lines += ["", "| self % | line |", "|---|---|"]
+        lines += [f"| {pct} | `{name}` |" for name, pct in p.get("self_lines_pct", [])]
+        lines += ["", "| inclusive % | function |", "|---|---|"]
+        lines += [f"| {pct} | `{name}` |" for name, pct in p["inclusive_pct"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def results_path(results_dir: Path, results: dict[str, Any]) -> Path:
+    date = results["started"][:10]
+    suffix = "" if results["scale"] == "full" else f"-{results['scale']}"
+    return results_dir / f"{date}{suffix}.json"
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    tmp.replace(path)
+
+
+def _pct(stats: dict[str, float] | None, key: str) -> str:
+    return f"{stats[key] * 100:.0f}%" if stats else "?"
+
+
+def markdown(results: dict[str, Any], json_name: str) -> str:
+    """BENCHMARKS.md: generated from one run's results, so it is replaced by the next run."""
+    m = results["machine"]
+    pin = results["pinning"]
+    d = results.get("scale_detail", {})
+    nz = results.get("noise") or noise(results)
+    fs, fl = nz.get("foreign_on_server_core"), nz.get("foreign_on_loadgen_core")
+    settings = "\n".join(
+        f"| `{k}` | `{v}` | {why} |" for k, (v, why) in LIVECOMMENTS_SETTINGS.items()
+    )
+    ladder = ", ".join(f"{x:,}" for x in d.get("hot_ladder", []))
+    caps = ", ".join(f"{k} {v:g} s" for k, v in d.get("caps", {}).items())
+    concurrency = ", ".join(map(str, d.get("ingest_concurrency", [])))
+    profile = profile_text(results)
+    profile_section = f"### Profile of the hot post\n\n{profile}\n" if profile else ""
+    return f"""# Benchmarks
+
+How many viewers can one livecomments process serve, how fast does a comment reach them, and
+how many comments per second can it take without losing one: measured beside python-socketio,
+the Python alternative, in the same run on the same machine. This file is written by
+`make bench`; this run started {results["started"]} (scale `{results["scale"]}`, livecomments
+commit `{m.get("commit", "?")}`), its raw results are `bench/results/{json_name}`.
+
+**How noisy this run was.** Other work shared the machine. Busy time of the server's CPU that was
+not the server: {_pct(fs, "mean")} on average over the measured steps, {_pct(fs, "max")} at worst;
+of the load generators' CPU: {_pct(fl, "mean")}, {_pct(fl, "max")} at worst. Load average
+{_loadavg(nz.get("loadavg_start"))} at the start, {_loadavg(nz.get("loadavg_end"))} at the end.
+Figures from a noisy run are low and wide; compare runs only on a quiet machine.
+{_notes(results)}
+## Results
+
+{table(results)}
+
+Ratios are ours over theirs: above 1 is better for throughput, below 1 is better for latency,
+CPU and memory. "Half that rate" is half of each server's own sustained rate, so those latencies
+are not set side by side as a ratio; "the lowest rate tried" is one comment at a time for large
+audiences, i.e. how long one fan-out takes. A sustained rate of 0 means no rate passed: even
+one comment's fan-out took longer than {P99_BUDGET_MS:g} ms at p99. python-socketio has no
+durable write, so ingest has no peer figure.
+
+### Targets (issue 5, per server process on one core)
+
+{targets_table(results)}
+
+### Load generator
+
+{loadgen_summary(results)}. It has its own CPU; "saturated" in the table says whose CPU ran out
+(>= {SATURATED:.0%} busy) in the first step that failed: only "server" makes the sustained
+figure the server's capacity, "loadgen" makes it a lower bound.
+
+{profile_section}
+## Method
+
+* **Processes.** Every scenario starts a fresh server process pinned to CPU
+  {pin.get("server_cpu")} (`taskset`) and fresh load generator processes
+  ({d.get("subscriber_workers")} subscriber processes, or one per load generator CPU if more, and
+  one poster) pinned to CPU {pin.get("loadgen_cpus")}, where the orchestrator also runs. So every
+  figure is one server process on one core.{" " + pin["note"] if pin.get("note") else ""}
+* **Load generator.** Not a WebSocket library: one `asyncio.Protocol` per socket (uvloop) writes
+  the upgrade request, then only walks frame headers, answers pings, and recognises a comment by
+  the first bytes of its payload (`bench/leanws.py`). Comments are posted by a keep-alive HTTP/1.1
+  client that writes prebuilt requests and reads only the status line and `Content-Length`
+  (`bench/leanhttp.py`). Its CPU is read from /proc for every step.
+* **Latency** is end to end: each comment's message carries `time.time_ns()` taken just before
+  its POST was written (`~<ns>~` and {d.get("pad", 80)} characters of padding; a comment frame is
+  about 230 bytes). One socket in {PROBE_EVERY} is a probe: it has SO_TIMESTAMPNS set and is read
+  with `recvmsg`, so the latency is the kernel's arrival time of the frame at that socket minus
+  the POST's send time. It excludes the time the load generator takes to get round to a socket
+  (reading ten thousand sockets in turn takes it ~100 ms on one core), but includes everything on
+  the server's side. Percentiles come from a histogram with under 1% error (`bench/hist.py`).
+* **CPU and peak** of a step are per second of its active time: from its start to its last POST
+  or its last arrival (seen by the probes), whichever is later. A one-comment step is as long
+  as that comment's fan-out.
+* **1. Hot post.** S sockets watch one post. Comments are posted open loop at a ladder of target
+  delivery rates ({ladder} per second; that / S comments per second) for {d.get("hot_step_s")} s
+  each, climbing until a step fails; rungs below {SKIP_BELOW:.0%} of the capacity estimated
+  from the last passing step (its rate / its server CPU) are skipped; then one step halfway
+  (geometrically) between the last pass and the first failure. After its last POST a step waits
+  for every expected delivery (at most {DRAIN_MAX_S:g} s, and {d.get("quiet_s")} s without
+  one means the rest are lost). A step passes when the poster
+  kept to its schedule (no comment sent > {MAX_POST_LATE_MS:g} ms late), every POST got 201, no
+  socket was closed, >= {MIN_ARRIVED:.1%} of comments x subscribers arrived, and p99 <=
+  {P99_BUDGET_MS:g} ms. The figure is the deliveries per second of the best passing step; then
+  {d.get("hot_half_s")} s at half that rate give the latency percentiles. "Peak" is the best
+  throughput of any step at whatever latency; if no step used the server's whole CPU (the
+  ladder stops early when even one comment's fan-out is too slow), one more step asks
+  {SATURATION_FACTOR:g}x the capacity estimated from the last one (its rate / its CPU).
+* **2. Many posts.** {_n(d.get("many_posts"))} posts, socket i watching posts i and i+1, so
+  every post has exactly two watching sockets: {_n(d.get("many_posts"))} sockets, not twice that,
+  because the hard limit of descriptors per process here is {m.get("nofile")}.
+  {_n(d.get("many_rate"))} comments/s round-robin over the posts in a shuffled order,
+  {d.get("many_warmup_s")} s of warm-up, then {d.get("many_s")} s measured.
+* **3. Ingest.** A closed loop of durable POSTs, no subscribers: each connection posts again
+  when its 201 arrives, at concurrency {concurrency}, {d.get("ingest_s")} s each. A 201 from
+  livecomments means the comment is fsync'd in the write-ahead queue. In the same run,
+  {d.get("fsync_n")} x (append 256 bytes + `os.fsync`) in the queue's directory measure the
+  disk's floor under an ack; group commit shares one fsync among concurrent POSTs, so comments/s
+  can exceed fsyncs/s.
+* **4. Idle.** 16 sockets open and close first (warm-up), then the server's VmRSS is read,
+  {_n(d.get("idle_n"))} sockets subscribe ({_n(d.get("idle_posts"))} posts), and VmRSS is read
+  again {d.get("idle_settle_s")} s later: per socket = (after - before) / sockets. The sockets
+  are then held {d.get("idle_hold_s")} s and counted.
+* **Peer.** `bench/peer_socketio.py`: `socketio.AsyncServer(async_mode="aiohttp")` with its
+  default settings on aiohttp, a room per post, `await sio.emit("comment", C, room=post)` from a
+  `POST /v1/comments` handler of the same shape as ours. It runs on uvloop like livecomments,
+  with the same listen backlog, and is driven by the same load generator over Engine.IO v4 /
+  Socket.IO v5 on WebSocket (open packet, `40`, acknowledged `join` events, pings answered). It
+  stores nothing before its 201, which favours it wherever comments are posted.
+
+### livecomments settings
+
+Set explicitly through the environment in every scenario (the harness refuses a variable that
+livecomments does not read); everything else is the default of `config.toml`. The store
+(SQLite) and the queue live in a fresh directory under `{m.get("workdir_parent", "/tmp")}`
+({m.get("workdir_fs", "?")}).
+
+| Variable | Value | Why |
+|---|---|---|
+{settings}
+
+### Machine
+
+| | |
+|---|---|
+| CPU | {m.get("cpu")} ({m.get("cpus")} CPUs) |
+| Memory | {m.get("memory")} |
+| Kernel | {m.get("kernel")} |
+| Python | {m.get("python")} |
+| Packages | {m.get("packages")} |
+| Descriptors per process | {m.get("nofile")} |
+
+## Reproduce
+
+```
+make bench        # every scenario (< 10 min): bench/results/<date>.json and this file
+make bench-quick  # a smaller run of each scenario (< 60 s): bench/results/<date>-quick.json
+.venv/bin/python -m bench.run --help     # --only hot_post,idle, --servers livecomments,
+                                         # --hot-sizes 10000, --profile (needs py-spy)
+.venv/bin/python -m bench.report bench/results/<date>.json   # the tables again
+```
+
+Linux only (/proc, `taskset`, SO_TIMESTAMPNS), two CPUs or more; publish only figures from an
+otherwise idle machine. The harness raises its RLIMIT_NOFILE to the hard limit (inherited by
+every process it starts), stops every process it started on exit, error or Ctrl-C, and caps
+each scenario in time ({caps}).
+
+## What these numbers do not say
+
+* Loopback only: no network, NIC, TLS or proxy. On loopback the server's CPU also pays the
+  kernel's work of receiving on the other end of each socket.
+* One server process on one core; several processes, or instances behind Redis, are not measured.
+* The load generator shares one core with the orchestrator; on a two-CPU machine it cannot
+  spread further, so check its CPU before trusting a figure near its limit.
+* Clients read as fast as they can; slow readers, which livecomments cuts, are not simulated.
+"""
+
+
+def _notes(results: dict[str, Any]) -> str:
+    notes = results.get("notes") or []
+    return "".join(f"\n**Note.** {n}\n" for n in notes)
+
+
+def _loadavg(values: Any) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report bench/results/<date>.json", file=sys.stderr)
+        return 2
+    results = orjson.loads(Path(args[0]).read_bytes())
+    print(table(results))
+    print()
+    print(targets_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
