@@ -300,7 +300,7 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
             return _json({"comment": (await earlier).to_wire()}, status=201)
     comment = draft.to_comment(app[IDS].next_id(), wall_clock_ms())
     try:
-        await app[COMMENTS].accept(comment)
+        comment_json = await app[COMMENTS].accept(comment)
     except BaseException as e:
         error = _refusal(e) if isinstance(e, QueueFull | QueueWriteFailed) else None
         if key is not None:  # a retry must not wait on this attempt for ever
@@ -312,7 +312,7 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
     if key is not None:
         app[RECENT].settle(key, comment)
     app[METRICS].inc("comments_accepted_total")
-    app[HUB].publish(comment)
+    app[HUB].publish(comment.post_id, comment_json)
     return _json({"comment": comment.to_wire()}, status=201)
 
 

@@ -24,7 +24,6 @@ from typing import Protocol
 import orjson
 
 from livecomments.bridge import Bridge
-from livecomments.comment import Comment
 from livecomments.config import RedisSettings
 from livecomments.conn import text_frame
 from livecomments.ids import lowest_id_at
@@ -44,8 +43,9 @@ class TooManyPosts(Exception):
     """This instance already follows its configured maximum of posts."""
 
 
-def comment_event(comment: Comment) -> bytes:
-    return orjson.dumps({"type": "comment", "comment": comment.to_wire()})
+def comment_event(comment_json: bytes) -> bytes:
+    """`{"type":"comment","comment":C}` around C as already encoded: no second encode."""
+    return b'{"type":"comment","comment":' + comment_json + b"}"
 
 
 # Clocks of different hosts disagree a little; a resync reaches this much further back.
@@ -160,11 +160,12 @@ class Hub:
 
     # -- the hot path --------------------------------------------------------------------------
 
-    def publish(self, comment: Comment) -> None:
-        """Deliver an accepted comment here and to every other instance. Never awaits."""
-        payload = comment_event(comment)
-        self.deliver(comment.post_id, payload)
-        self._bridge.publish(comment.post_id, payload)
+    def publish(self, post_id: str, comment_json: bytes) -> None:
+        """Deliver an accepted comment (as `Comment.encode()` made it) here and to every other
+        instance. Never awaits."""
+        payload = comment_event(comment_json)
+        self.deliver(post_id, payload)
+        self._bridge.publish(post_id, payload)
 
     def deliver(self, post_id: str, payload: bytes) -> None:
         """Offer one encoded event to every local subscriber of the post: framed once, shared."""

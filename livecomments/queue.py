@@ -112,8 +112,9 @@ class WriteAheadQueue:
 
     # -- the write path ------------------------------------------------------------------------
 
-    async def enqueue(self, comment: Comment) -> None:
-        """Return once `comment` is fsync'd; raise `QueueFull` or `QueueWriteFailed` if not."""
+    async def enqueue(self, comment: Comment) -> bytes:
+        """Return once `comment` is fsync'd, with its encoded form (what was written: callers
+        reuse it instead of encoding again). Raise `QueueFull` or `QueueWriteFailed` if not."""
         if self._closing:
             raise QueueWriteFailed("the queue is closing")
         payload = comment.encode()
@@ -127,6 +128,7 @@ class WriteAheadQueue:
         # Shielded: a client that hangs up mid-request must not cancel a commit other callers
         # share; the comment is then stored all the same, as it would be had the reply been lost.
         await asyncio.shield(waiter.future)
+        return payload
 
     async def _commit_worker(self) -> None:
         loop = asyncio.get_running_loop()

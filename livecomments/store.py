@@ -153,9 +153,10 @@ class Comments:
         while not self.store_open and not await self.try_open_store():
             delay = await self._backoff(delay)
 
-    async def accept(self, comment: Comment) -> None:
-        """Durable on return: fsync'd in the queue. Raises QueueFull / QueueWriteFailed."""
-        await self.queue.enqueue(comment)
+    async def accept(self, comment: Comment) -> bytes:
+        """Durable on return: fsync'd in the queue. Returns the comment's JSON (encoded once,
+        reused for the live event). Raises QueueFull / QueueWriteFailed."""
+        return await self.queue.enqueue(comment)
 
     async def page(self, query: PageQuery) -> tuple[list[Comment], bool]:
         queued = [c for c in self.queue.pending_for_post(query.post_id) if in_cursor(c, query)]

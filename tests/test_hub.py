@@ -82,7 +82,7 @@ async def test_publish_encodes_once_and_offers_the_same_bytes_to_everyone():
         await hub.subscribe(s, "p")
     other = FakeSocket()
     await hub.subscribe(other, "q")
-    hub.publish(make_comment(1))
+    hub.publish("p", make_comment(1).encode())
     payloads = {id(s.received[0]) for s in socks}
     assert len(payloads) == 1, "each socket got its own copy: encoded more than once"
     assert orjson.loads(payload_of(socks[0].received[0]))["comment"]["id"] == "1"
@@ -96,7 +96,7 @@ async def test_a_refusing_socket_does_not_stop_the_others():
     await hub.subscribe(slow, "p")
     await hub.subscribe(fine, "p")
     for i in range(3):
-        hub.publish(make_comment(i))
+        hub.publish("p", make_comment(i).encode())
     assert len(fine.received) == 3
 
 
@@ -125,7 +125,7 @@ async def test_failed_bridge_subscribe_is_rolled_back():
     s = FakeSocket()
     await hub.subscribe(s, "p")
     assert "p" in bridge.following
-    hub.publish(make_comment(1))
+    hub.publish("p", make_comment(1).encode())
     assert len(s.received) == 1
 
 
@@ -163,7 +163,7 @@ async def test_unsubscribe_while_first_subscribe_is_in_flight():
     assert bridge.calls == [("subscribe", "p")], "second subscriber subscribed the bridge again"
     await hub.unsubscribe(a, "p")
     assert "p" in bridge.following
-    hub.publish(make_comment(1))
+    hub.publish("p", make_comment(1).encode())
     assert len(b.received) == 1 and a.received == []
 
 
