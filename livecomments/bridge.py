@@ -16,6 +16,14 @@ from typing import Protocol
 from livecomments.config import RedisSettings
 
 
+class BridgeUnavailable(ConnectionError):
+    """The bridge cannot follow a post right now (its server is down or not answering).
+
+    A bridge raising this promises to follow the post by itself once it is back, because it
+    resubscribes from `HubListener.local_posts()` and then resyncs those posts. The hub can
+    therefore keep the local subscriber instead of refusing it."""
+
+
 class HubListener(Protocol):
     """What a bridge may call on the hub."""
 
@@ -36,7 +44,8 @@ class Bridge(Protocol):
     async def stop(self) -> None: ...
 
     async def subscribe(self, post_id: str) -> None:
-        """Receive other instances' events for `post_id` from now on. Raises if it cannot."""
+        """Receive other instances' events for `post_id` from now on. Raises
+        `BridgeUnavailable` if it cannot yet but will (see there), anything else if it cannot."""
 
     async def unsubscribe(self, post_id: str) -> None: ...
 

@@ -9,6 +9,8 @@ Guarantees:
   Those transitions await the bridge, so they are serialised by a per-post lock; a failed bridge
   subscribe is rolled back (the caller gets the error) and the last unsubscribe re-checks, under
   the lock, that the post is still empty. Publishing and delivering never take the lock.
+* A bridge that is down (`BridgeUnavailable`) does not cost a new subscriber its local delivery:
+  the subscriber is kept, and the bridge follows the post and sends a resync when it is back.
 * Ordering: comments accepted by this instance reach each local socket in the order they were
   accepted; remote comments in the order the bridge delivers them.
 """
@@ -23,7 +25,7 @@ from typing import Protocol
 
 import orjson
 
-from livecomments.bridge import Bridge
+from livecomments.bridge import Bridge, BridgeUnavailable
 from livecomments.config import RedisSettings
 from livecomments.conn import text_frame
 from livecomments.ids import lowest_id_at
@@ -110,7 +112,8 @@ class Hub:
     # -- membership ----------------------------------------------------------------------------
 
     async def subscribe(self, sub: Subscriber, post_id: str) -> None:
-        """Add `sub` to the post's audience; the bridge follows the post before this returns."""
+        """Add `sub` to the post's audience; the bridge follows the post before this returns
+        (or, while it is down, as soon as it is back)."""
         local = self._posts.get(post_id)
         if local is not None and post_id in self._bridged:
             local.add(sub)
@@ -122,6 +125,10 @@ class Hub:
                     if len(self._bridged) >= self._max_posts:
                         raise TooManyPosts(f"this instance follows {self._max_posts} posts")
                     await self._bridge.subscribe(post_id)
+                except BridgeUnavailable as e:
+                    # Keep the subscriber: comments accepted here still reach it, and the bridge
+                    # follows the post from local_posts() when it is back, with a resync.
+                    log.debug("hub: following %s locally until the bridge is back: %s", post_id, e)
                 except BaseException:
                     if not local:  # roll back: nobody else joined while we waited
                         del self._posts[post_id]

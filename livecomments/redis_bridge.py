@@ -80,7 +80,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from livecomments.bridge import HubListener
+from livecomments.bridge import BridgeUnavailable, HubListener
 from livecomments.config import RedisSettings
 from livecomments.ids import wall_clock_ms
 from livecomments.metrics import Metrics
@@ -111,7 +111,7 @@ MAX_ORIGINS = 4096
 NodeState = Literal["connecting", "up", "down"]
 
 
-class NodeUnavailable(ConnectionError):
+class NodeUnavailable(BridgeUnavailable):
     """The post's Redis server is not connected (or did not confirm in time)."""
 
 

@@ -275,6 +275,11 @@ async def test_a_killed_redis_server_costs_only_its_own_posts_a_resync(
     await local.wait(lambda: set(local.comment_ids()) >= set(local_ids), "local delivery")
     assert remote.resynced() == set()
     assert (await bridge_status(http, receiver))["status"] == "degraded"
+    # A newcomer to a post on the dead server is accepted and served what its instance takes.
+    late_post = posts_on(ring, urls[1], 3, "k")[2]
+    late = await Watcher.open(http, receiver, [late_post])
+    late_ids = [await post(http, receiver, late_post, "local while down")]
+    await late.wait(lambda: set(late.comment_ids()) >= set(late_ids), "local delivery, late")
 
     _restart(redis[1])
     await remote.wait(lambda: remote.resynced() == set(dead), "resync of the dead node's posts")
@@ -282,6 +287,10 @@ async def test_a_killed_redis_server_costs_only_its_own_posts_a_resync(
     await async_wait_until(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "both back")
     back = await post(http, sender, dead[1], "back")
     await remote.wait(lambda: back in remote.comment_ids(), "delivery after the restart")
+    await late.wait(lambda: late.resynced() == {late_post}, "resync of the newcomer's post")
+    late_back = await post(http, sender, late_post, "from the other instance")
+    await late.wait(lambda: late_back in late.comment_ids(), "remote delivery to the newcomer")
+    await late.close()
     assert sorted(Counter(remote.comment_ids()).values())[-1] == 1
     await remote.close()
     await local.close()

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from livecomments.bridge import HubListener, MemoryBridge
+from livecomments.bridge import BridgeUnavailable, HubListener, MemoryBridge
 from livecomments.comment import Comment
 from livecomments.config import RedisSettings
 from livecomments.conn import text_frame
@@ -37,14 +37,14 @@ class GatedBridge(MemoryBridge):
         self.unsub_gate = asyncio.Event()
         self.sub_gate.set()
         self.unsub_gate.set()
-        self.fail_subscribe = False
+        self.fail_subscribe: type[Exception] | None = None
         self.published: list[tuple[str, bytes]] = []
 
     async def subscribe(self, post_id: str) -> None:
         self.calls.append(("subscribe", post_id))
         await self.sub_gate.wait()
-        if self.fail_subscribe:
-            raise ConnectionError("redis down")
+        if self.fail_subscribe is not None:
+            raise self.fail_subscribe("redis down")
         self.following.add(post_id)
 
     async def unsubscribe(self, post_id: str) -> None:
@@ -116,17 +116,29 @@ async def test_bridge_follows_a_post_only_while_it_has_local_subscribers():
 
 async def test_failed_bridge_subscribe_is_rolled_back():
     bridge = GatedBridge()
-    bridge.fail_subscribe = True
+    bridge.fail_subscribe = ConnectionError
     hub = Hub(bridge, Metrics())
     with pytest.raises(ConnectionError):
         await hub.subscribe(FakeSocket(), "p")
     assert hub.post_count == 0 and not hub.local_posts()
-    bridge.fail_subscribe = False
+    bridge.fail_subscribe = None
     s = FakeSocket()
     await hub.subscribe(s, "p")
     assert "p" in bridge.following
     hub.publish("p", make_comment(1).encode())
     assert len(s.received) == 1
+
+
+async def test_a_bridge_that_is_down_keeps_the_subscriber_and_the_post_for_later():
+    bridge = GatedBridge()
+    bridge.fail_subscribe = BridgeUnavailable
+    hub = Hub(bridge, Metrics())
+    s = FakeSocket()
+    await hub.subscribe(s, "p")
+    hub.publish("p", make_comment(1).encode())
+    assert len(s.received) == 1, "local delivery must not wait for the bridge"
+    # The bridge resubscribes from local_posts() when it reconnects: the post must be there.
+    assert "p" in hub.local_posts()
 
 
 async def test_subscribe_while_last_unsubscribe_is_in_flight_keeps_the_post_followed():
