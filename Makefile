@@ -35,13 +35,13 @@ bench-quick: $(BENCH_STAMP) ## A smaller run of every benchmark scenario (< 60 s
 	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check livecomments tests
-	$(BIN)/ruff format --check livecomments tests
+	$(BIN)/ruff check livecomments tests bench
+	$(BIN)/ruff format --check livecomments tests bench
 	$(BIN)/mypy
 
 fmt: $(STAMP) ## Format the code with ruff
-	$(BIN)/ruff format livecomments tests
-	$(BIN)/ruff check --fix livecomments tests
+	$(BIN)/ruff format livecomments tests bench
+	$(BIN)/ruff check --fix livecomments tests bench
 
 clean: ## Remove the virtualenv and local data
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
