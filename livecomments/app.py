@@ -66,7 +66,7 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[RECENT] = RecentRequests()
+    app[RECENT] = RecentRequests(settings.limits.retry_window_bytes)
     app[CONNS] = set()
     app[BATCHER] = WriteBatcher()
     app[STATE] = {"shutting_down": False}
@@ -159,8 +159,13 @@ async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # server.shutdown_timeout bounds the whole stop: the wait for open requests (AppRunner)
+        # came first, so the flush gets what is left of it.
+        deadline = app[STATE].get("shutdown_deadline")
+        loop = asyncio.get_running_loop()
+        left = settings.server.shutdown_timeout if deadline is None else deadline - loop.time()
         try:
-            async with asyncio.timeout(settings.server.shutdown_timeout):
+            async with asyncio.timeout(max(0.0, left)):
                 await queue.wait_empty()
         except TimeoutError:
             log.warning("shutdown: %d comments stay queued for the next start", queue.depth)
@@ -213,6 +218,8 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
 async def close_sockets(app: web.Application) -> None:
     """Shutdown: refuse new sockets and tell every open one we are going away."""
     app[STATE]["shutting_down"] = True
+    timeout = app[SETTINGS].server.shutdown_timeout
+    app[STATE]["shutdown_deadline"] = asyncio.get_running_loop().time() + timeout
     conns: set[Conn] = app[CONNS]
     for conn in list(conns):
         conn.close_soon(CLOSE_GOING_AWAY, b"server shutting down")
@@ -295,25 +302,32 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
     )
     key = (draft.uid, client_msg_id) if client_msg_id else None
     if key is not None:
-        earlier = app[RECENT].claim(key)
+        earlier = app[RECENT].claim(key, draft)
         if earlier is not None:
-            return _json({"comment": (await earlier).to_wire()}, status=201)
+            return _created(await earlier)  # the first attempt's comment, or its ApiError
     comment = draft.to_comment(app[IDS].next_id(), wall_clock_ms())
     try:
         comment_json = await app[COMMENTS].accept(comment)
     except BaseException as e:
-        error = _refusal(e) if isinstance(e, QueueFull | QueueWriteFailed) else None
+        error = _refusal(e if isinstance(e, QueueFull) else QueueWriteFailed(str(e) or "failed"))
         if key is not None:  # a retry must not wait on this attempt for ever
-            app[RECENT].forget(key, error or QueueWriteFailed("the first attempt failed"))
-        if error is None:
+            app[RECENT].forget(key, error)
+        if not isinstance(e, QueueFull | QueueWriteFailed):
             raise
         app[METRICS].inc("comments_rejected_total")
         raise error from e
     if key is not None:
-        app[RECENT].settle(key, comment)
+        app[RECENT].settle(key, comment_json)
     app[METRICS].inc("comments_accepted_total")
     app[HUB].publish(comment.post_id, comment_json)
-    return _json({"comment": comment.to_wire()}, status=201)
+    return _created(comment_json)
+
+
+def _created(comment_json: bytes) -> web.Response:
+    """201 `{"comment": C}` around C as the queue encoded it (no second encode)."""
+    return web.Response(
+        body=b'{"comment":' + comment_json + b"}", status=201, content_type="application/json"
+    )
 
 
 def _refusal(e: Exception) -> ApiError:

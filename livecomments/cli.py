@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from livecomments.app import INSTANCE_ID, apply_reload, create_app
 from livecomments.config import ConfigError, Settings, load_settings
@@ -35,25 +36,39 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("aiohttp.server").addFilter(_drop_malformed_http)
     runner = _event_loop_runner()
     if args.command == "migrate":
         return runner(migrate(settings))
     return runner(serve(settings, args.config))
 
 
+def _drop_malformed_http(record: logging.LogRecord) -> bool:
+    """aiohttp logs a traceback at ERROR for every unparseable HTTP request (it answers 400
+    itself): any client could fill the log with them, one per request. Keep the rest."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, HttpProcessingError)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livecomments", description=__doc__)
-    parser.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
+    # --config is accepted before or after the command: `livecomments serve --config x.toml`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="path to config.toml (default: ./config.toml if present)",
+    )
+    parser = argparse.ArgumentParser(prog="livecomments", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = sub.add_parser("serve", help="run the service")
+    serve_cmd = sub.add_parser("serve", help="run the service", parents=[common])
     serve_cmd.add_argument("--host", help="overrides server.host")
     serve_cmd.add_argument("--port", type=int, help="overrides server.port")
-    sub.add_parser("migrate", help="apply database schema migrations and exit")
+    sub.add_parser("migrate", help="apply database schema migrations and exit", parents=[common])
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config
+    path = getattr(args, "config", None)
     if path is None and Path("config.toml").is_file():
         path = "config.toml"
     args.config = path

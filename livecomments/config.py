@@ -60,6 +60,8 @@ class LimitsSettings:
     page_default: int = 50
     page_max: int = 200
     posts_per_socket: int = 100
+    # Bytes of recent comments kept to answer POST retries that repeat a client_msg_id.
+    retry_window_bytes: int = 16 * 1024 * 1024
     # Posts one instance follows at once (each is a Pub/Sub channel when Redis is on).
     posts_per_instance: int = 100_000
     max_connections: int = 20_000
@@ -122,6 +124,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.page_max": (1, 10_000),
     "limits.posts_per_socket": (1, 100_000),
     "limits.posts_per_instance": (1, 10_000_000),
+    "limits.retry_window_bytes": (0, 1 << 40),
     "limits.max_connections": (1, 1_000_000),
     "redis.probe_interval": (0.05, 3600),
     "redis.publish_buffer": (1, 10_000_000),
@@ -152,6 +155,7 @@ def load_settings(
 def _build(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
     sections: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(Settings)}
+    _check_env_names(env)
     for name in raw:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -164,6 +168,20 @@ def _build(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
     settings = Settings(**sections)
     _check_relations(settings)
     return settings
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelt variable must not silently leave the default in place (as a misspelt key in
+    the file does not)."""
+    hints = get_type_hints(Settings)
+    valid = {
+        f"{ENV_PREFIX}{section}_{f.name}".upper()
+        for section in hints
+        for f in dataclasses.fields(hints[section])
+    }
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in valid:
+            raise ConfigError(f"{name}: unknown setting (see config.toml for the keys)")
 
 
 def _build_section(section: str, cls: type, table: dict[str, Any], env: Mapping[str, str]) -> Any:
@@ -221,10 +239,9 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
 def _check_relations(s: Settings) -> None:
     if s.limits.page_default > s.limits.page_max:
         raise ConfigError("limits.page_default: must not exceed limits.page_max")
-    if not s.store.url.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise ConfigError(
-            f"store.url: expected sqlite:///path or postgresql://..., got {s.store.url!r}"
-        )
+    url = s.store.url
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")) or url == "sqlite:///":
+        raise ConfigError(f"store.url: expected sqlite:///path or postgresql://..., got {url!r}")
     if not s.queue.dir:
         raise ConfigError("queue.dir: must not be empty")
     for url in s.redis.urls:

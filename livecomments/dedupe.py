@@ -1,45 +1,83 @@
 """Retry safety for POST: the same `client_msg_id` from the same `uid` yields the same comment.
 
-Clients that time out and retry a POST send the same `client_msg_id`; within the window (the
-last `capacity` ids this instance accepted) the retry gets the original comment back instead of
-creating a second one. A retry that arrives while the first attempt is still committing waits
-for it. The window is in memory and per instance: a retry after a restart, or to another
-instance, creates a new comment.
+Clients that time out and retry a POST send the same `client_msg_id`; within the window the retry
+gets the original comment back (201, same body) instead of creating a second one. A retry that
+arrives while the first attempt is still committing waits for it. A `client_msg_id` reused for
+a different comment (another post, another message) is refused with 409, never answered with
+the old comment as if the new one had been stored.
+
+The window is the most recent comments whose encoded size adds up to `max_bytes` (memory is
+bounded by bytes, not by a count any client could fill with large messages). It is in memory
+and per instance: a retry after a restart, or to another instance, creates a new comment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
-from livecomments.comment import Comment
+from livecomments.comment import Draft
+from livecomments.errors import ApiError
 
 Key = tuple[str, str]  # (uid, client_msg_id)
 
+# Bookkeeping per remembered comment beyond its encoded bytes (key, digest, future, entry).
+ENTRY_OVERHEAD = 400
+
+
+def fingerprint(draft: Draft) -> bytes:
+    """What makes two POSTs the same comment: a digest of every field the client chose."""
+    parts = (draft.post_id, draft.uid, draft.message, draft.parent_id or "", draft.reply_to or "")
+    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class _Attempt:
+    digest: bytes
+    future: asyncio.Future[bytes]  # the comment's JSON once it is durable
+    size: int = 0  # counted once settled
+
 
 class RecentRequests:
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._seen: OrderedDict[Key, asyncio.Future[Comment]] = OrderedDict()
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._seen: OrderedDict[Key, _Attempt] = OrderedDict()
 
-    def claim(self, key: Key) -> asyncio.Future[Comment] | None:
-        """The earlier attempt's future if `key` was seen; else None, and the caller owns it."""
+    def claim(self, key: Key, draft: Draft) -> asyncio.Future[bytes] | None:
+        """The earlier attempt's future if `key` was seen with the same comment; None if not
+        (the caller owns the key now). Raises ApiError 409 if it was seen with another one."""
+        digest = fingerprint(draft)
         earlier = self._seen.get(key)
         if earlier is not None:
-            return earlier
-        self._seen[key] = asyncio.get_running_loop().create_future()
-        while len(self._seen) > self._capacity:
-            self._seen.popitem(last=False)
+            if earlier.digest != digest:
+                raise ApiError(
+                    409,
+                    "client_msg_id_reused",
+                    "client_msg_id: already used by this uid for a different comment",
+                )
+            return earlier.future
+        self._seen[key] = _Attempt(digest, asyncio.get_running_loop().create_future())
         return None
 
-    def settle(self, key: Key, comment: Comment) -> None:
-        future = self._seen.get(key)
-        if future is not None and not future.done():
-            future.set_result(comment)
+    def settle(self, key: Key, comment_json: bytes) -> None:
+        attempt = self._seen.get(key)
+        if attempt is None or attempt.future.done():
+            return
+        attempt.future.set_result(comment_json)
+        attempt.size = len(comment_json) + ENTRY_OVERHEAD
+        self._bytes += attempt.size
+        while self._bytes > self._max_bytes and self._seen:
+            _, oldest = self._seen.popitem(last=False)
+            self._bytes -= oldest.size
 
-    def forget(self, key: Key, error: BaseException) -> None:
-        """The attempt failed: waiting retries fail too, later ones may try afresh."""
-        future = self._seen.pop(key, None)
-        if future is not None and not future.done():
-            future.set_exception(error)
-            future.exception()  # mark retrieved: no "never retrieved" warning if nobody waits
+    def forget(self, key: Key, error: ApiError) -> None:
+        """The attempt failed: waiting retries get `error`, later ones may try afresh."""
+        attempt = self._seen.pop(key, None)
+        if attempt is not None:
+            self._bytes -= attempt.size
+            if not attempt.future.done():
+                attempt.future.set_exception(error)
+                attempt.future.exception()  # retrieved: no warning if nobody was waiting

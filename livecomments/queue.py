@@ -163,9 +163,20 @@ class WriteAheadQueue:
         self._has_pending.set()
         self._empty.clear()
 
-    def pending_for_post(self, post_id: str) -> list[Comment]:
-        """Committed but not yet flushed comments of one post, ascending by id."""
-        return [Comment.decode(self._pending[i]) for i in self._by_post.get(post_id, ())]
+    def pending_page(
+        self, post_id: str, n: int, before: int | None, after: int | None
+    ) -> list[Comment]:
+        """The unflushed comments a page could need: at most `n`, ascending, found by bisection
+        (a hot post's backlog can be long; only what is returned is decoded). `after`: the
+        oldest n newer than it; otherwise the newest n (older than `before`, if given)."""
+        ids = self._by_post.get(post_id, [])
+        if after is not None:
+            start = bisect.bisect_right(ids, after)
+            window = ids[start : start + n]
+        else:
+            end = len(ids) if before is None else bisect.bisect_left(ids, before)
+            window = ids[max(0, end - n) : end]
+        return [Comment.decode(self._pending[i]) for i in window]
 
     def oldest(self, limit: int) -> list[Comment]:
         """Up to `limit` unflushed comments, oldest first (dicts keep insertion order)."""

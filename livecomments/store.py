@@ -110,12 +110,6 @@ def page_sql(
     return f"{select} ORDER BY id DESC LIMIT {param(2)}", (query.post_id, n)
 
 
-def in_cursor(comment: Comment, query: PageQuery) -> bool:
-    if query.before is not None and comment.id >= query.before:
-        return False
-    return query.after is None or comment.id > query.after
-
-
 class Comments:
     """Queue in front, store behind: the durable path of every comment."""
 
@@ -141,6 +135,7 @@ class Comments:
         try:
             await self.store.open()
         except Exception as e:
+            self.flush_errors += 1  # nothing can be flushed until it opens: same signal
             self._mark_store(False, e)
             return False
         self.store_open = True
@@ -159,12 +154,13 @@ class Comments:
         return await self.queue.enqueue(comment)
 
     async def page(self, query: PageQuery) -> tuple[list[Comment], bool]:
-        queued = [c for c in self.queue.pending_for_post(query.post_id) if in_cursor(c, query)]
         try:
             stored = await self.store.page(query)
         except Exception as e:
-            self._mark_store(False, e)
+            # Not recorded as the store's health: the flusher owns that, and one slow read is
+            # not the database being down.
             raise StoreUnavailable(str(e)) from e
+        queued = self.queue.pending_page(query.post_id, query.limit + 1, query.before, query.after)
         # Both sides hold their own window of limit+1; the page's window lies in their union.
         merged = {c.id: c for c in stored}
         merged.update((c.id, c) for c in queued)

@@ -55,6 +55,9 @@ def test_environment_wins_over_the_file(tmp_path: Path):
         ("[limits]\npage_default = 500\n", {}, "limits.page_default"),
         ("[redis]\nurls = ['http://x']\n", {}, "redis.urls"),
         ("[server\n", {}, "config file"),
+        ("", {"LIVECOMMENTS_SERVER_PROT": "1"}, "LIVECOMMENTS_SERVER_PROT"),
+        ("", {"LIVECOMMENTS_STORE_URL": "sqlite://rel.db"}, "store.url"),
+        ("", {"LIVECOMMENTS_STORE_URL": "sqlite:///"}, "store.url"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict[str, str], key: str):
@@ -63,6 +66,24 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict[str, str],
     with pytest.raises(ConfigError) as e:
         load_settings(path, environ=env)
     assert str(e.value).startswith(key)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_option_goes_before_or_after_the_command(tmp_path: Path, where: str):
+    path = tmp_path / "c.toml"
+    path.write_text("[queue]\nflush_batch = 0\n")  # invalid: proves the file was read
+    args = (
+        ["--config", str(path), "serve"] if where == "before" else ["serve", "--config", str(path)]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "livecomments", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 2 and "queue.flush_batch" in result.stderr
 
 
 def test_cli_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path):

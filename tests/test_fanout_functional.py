@@ -152,3 +152,26 @@ async def test_sigterm_closes_sockets_with_going_away_and_flushes(start_server, 
         stored = {str(r[0]) for r in db.execute("SELECT id FROM comments")}
     assert set(ids) <= stored
     assert "stopped" in server.logs()
+
+
+@pytest.mark.fault
+async def test_shutdown_timeout_bounds_the_whole_stop(start_server, http):
+    """A request that never finishes and a database that is down: SIGTERM still exits within
+    server.shutdown_timeout (plus start-up slack), not once per thing it waits for."""
+    timeout = 3.0
+    env = {
+        "LIVECOMMENTS_SERVER_SHUTDOWN_TIMEOUT": str(timeout),
+        "LIVECOMMENTS_STORE_URL": "postgresql://nobody@127.0.0.1:1/none",  # refused at once
+    }
+    server = start_server(env=env)
+    body = {"post_id": "p", "uid": "u", "message": "stays queued"}
+    async with http.post(f"{server.url}/v1/comments", json=body) as r:
+        assert r.status == 201
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /v1/comments HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()  # a body that never arrives: the request stays open
+    started = time.monotonic()
+    assert await asyncio.to_thread(server.stop, 20) == 0
+    assert time.monotonic() - started < timeout + 1.5
+    assert "stay queued for the next start" in server.logs()
+    writer.close()

@@ -47,9 +47,18 @@ async def test_concurrent_enqueues_share_commits(tmp_path: Path):
 async def test_read_your_writes_index_by_post(tmp_path: Path):
     q = await open_queue(tmp_path)
     await asyncio.gather(*(q.enqueue(comment(i, post=f"p{i % 2}")) for i in range(1, 11)))
-    assert [c.id for c in q.pending_for_post("p1")] == [1, 3, 5, 7, 9]
+
+    def page(n: int, before: int | None = None, after: int | None = None) -> list[int]:
+        return [c.id for c in q.pending_page("p1", n, before, after)]
+
+    assert page(100) == [1, 3, 5, 7, 9]
+    assert page(2) == [7, 9]
+    assert page(2, before=7) == [3, 5]
+    assert page(2, after=1) == [3, 5]
+    assert page(10, after=9) == []
+    assert q.pending_page("nobody", 5, None, None) == []
     await q.ack([comment(3, "p1"), comment(5, "p1")])
-    assert [c.id for c in q.pending_for_post("p1")] == [1, 7, 9]
+    assert page(100) == [1, 7, 9]
     assert q.depth == 8
     await q.close()
 

@@ -1,0 +1,54 @@
+"""POST retry memory: same comment back, a reused id refused, bounded in bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from livecomments.comment import Draft
+from livecomments.dedupe import ENTRY_OVERHEAD, RecentRequests
+from livecomments.errors import ApiError
+
+
+def draft(post: str = "p", message: str = "m") -> Draft:
+    return Draft(post, "u", message, None, None)
+
+
+async def test_a_retry_gets_the_first_attempts_comment():
+    recent = RecentRequests(max_bytes=1 << 20)
+    assert recent.claim(("u", "1"), draft()) is None
+    recent.settle(("u", "1"), b'{"id":"1"}')
+    earlier = recent.claim(("u", "1"), draft())
+    assert earlier is not None and await earlier == b'{"id":"1"}'
+
+
+async def test_the_same_id_for_a_different_comment_is_refused():
+    recent = RecentRequests(max_bytes=1 << 20)
+    recent.claim(("u", "1"), draft(post="a"))
+    with pytest.raises(ApiError) as e:
+        recent.claim(("u", "1"), draft(post="b"))
+    assert e.value.status == 409
+    with pytest.raises(ApiError):
+        recent.claim(("u", "1"), draft(post="a", message="changed"))
+
+
+async def test_memory_is_bounded_by_bytes_not_count():
+    big = b"x" * 8000
+    recent = RecentRequests(max_bytes=100 * (len(big) + ENTRY_OVERHEAD))
+    for i in range(1000):
+        recent.claim(("u", str(i)), draft(message=str(i)))
+        recent.settle(("u", str(i)), big)
+    assert recent._bytes <= 100 * (len(big) + ENTRY_OVERHEAD)
+    assert len(recent._seen) == 100
+    assert recent.claim(("u", "999"), draft(message="999")) is not None  # newest kept
+    assert recent.claim(("u", "0"), draft(message="0")) is None  # oldest forgotten
+
+
+async def test_a_failed_attempt_fails_its_waiting_retry_and_frees_the_id():
+    recent = RecentRequests(max_bytes=1 << 20)
+    recent.claim(("u", "1"), draft())
+    waiting = recent.claim(("u", "1"), draft())
+    assert waiting is not None
+    recent.forget(("u", "1"), ApiError(503, "queue_full", "full"))
+    with pytest.raises(ApiError):
+        await waiting
+    assert recent.claim(("u", "1"), draft()) is None
