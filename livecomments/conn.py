@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_UNSUPPORTED_DATA = 1003  # binary frame
+CLOSE_INTERNAL_ERROR = 1011  # the server could not write to this socket
 CLOSE_SLOW_CONSUMER = 4008  # outbox overflowed: reconnect and catch up
 # How long a close handshake with a peer that does not read may take before we drop the TCP.
 CLOSE_TIMEOUT = 2.0
@@ -68,7 +69,13 @@ class WriteBatcher:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:
+                # One broken transport must not leave the sockets after it marked dirty and
+                # never written again: drop that socket, keep going.
+                log.exception("write to a socket failed; closing it")
+                conn.close_soon(CLOSE_INTERNAL_ERROR, b"write failed")
 
 
 class Conn:

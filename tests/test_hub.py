@@ -10,7 +10,7 @@ import pytest
 from livecomments.bridge import BridgeUnavailable, HubListener, MemoryBridge
 from livecomments.comment import Comment
 from livecomments.config import RedisSettings
-from livecomments.conn import text_frame
+from livecomments.conn import Conn, WriteBatcher, text_frame
 from livecomments.hub import Hub, TooManyPosts
 from livecomments.ids import EPOCH_MS, SnowflakeGenerator, lowest_id_at
 from livecomments.metrics import Metrics
@@ -213,3 +213,51 @@ def test_text_frame_lengths_follow_rfc6455(size: int):
     n = frame[1]
     length = n if n < 126 else int.from_bytes(frame[2:4] if n == 126 else frame[2:10], "big")
     assert length == size
+
+
+class BrokenTransport:
+    """A transport whose write raises: the batcher must carry on with the other sockets."""
+
+    def __init__(self, broken: bool) -> None:
+        self.broken = broken
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            raise RuntimeError("transport is broken")
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class NoWebSocket:
+    async def close(self, *, code: int, message: bytes) -> bool:
+        raise ConnectionResetError("gone")
+
+
+async def test_a_failing_socket_write_does_not_stall_the_others():
+    batcher = WriteBatcher()
+    transports = [BrokenTransport(broken=i == 0) for i in range(3)]
+    conns = [Conn(NoWebSocket(), t, batcher, 1 << 20) for t in transports]
+    frame = text_frame(b'{"type":"pong"}')
+    for conn in conns:
+        conn.offer(frame)
+    for _ in range(10):  # the batcher runs on the next loop turn
+        await asyncio.sleep(0)
+    assert [t.written for t in transports[1:]] == [[frame], [frame]]
+    assert conns[0].closing
+    await conns[0].wait_closed()
+    assert transports[0].aborted
+    for conn in conns[1:]:  # and they keep working afterwards
+        conn.offer(frame)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert [len(t.written) for t in transports[1:]] == [2, 2]
