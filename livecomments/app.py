@@ -101,6 +101,12 @@ def make_bridge(settings: Settings, metrics: Metrics) -> Bridge:
 
 async def apply_reload(app: web.Application, settings: Settings) -> None:
     """SIGHUP: take the keys that can change at runtime (today: the Redis ring)."""
+    old = app[SETTINGS].redis.urls
+    if old and settings.redis.urls and lease_server(old) != lease_server(settings.redis.urls):
+        log.warning(
+            "reload: the instance-id lease stays on %s until this instance restarts",
+            node_key(lease_server(old)),
+        )
     await app[HUB].reconfigure(settings.redis)
     log.info("reload: applied redis.urls = %s", [node_key(u) for u in settings.redis.urls])
 
@@ -116,7 +122,7 @@ async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     lease = InstanceLease(
-        settings.redis.urls[0], settings.server.instance_id, settings.redis.timeout
+        lease_server(settings.redis.urls), settings.server.instance_id, settings.redis.timeout
     )
     try:
         app[INSTANCE_ID] = await lease.acquire()
@@ -136,6 +142,12 @@ async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
         await lease.release()
+
+
+def lease_server(urls: list[str]) -> str:
+    """Where instance ids are leased: the same server for every instance whatever the order of
+    its list (the smallest URL, without its password), as the ring ignores order too."""
+    return min(urls, key=node_key)
 
 
 async def comments_ctx(app: web.Application) -> AsyncIterator[None]:

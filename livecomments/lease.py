@@ -2,7 +2,8 @@
 
 Comment ids embed the instance id (ids.py), and the store drops an insert whose id it already has,
 so two instances sharing an instance id would make comments silently disappear. With Redis on,
-each instance holds a lease on its id in the first server of `redis.urls`
+each instance holds a lease on its id in one server of `redis.urls` (the smallest URL, so the
+same one whatever the list's order: app.lease_server)
 (`livecomments:instance:<id>`, a random token, a TTL of `LEASE_TTL` seconds renewed every third of
 it):
 

@@ -218,8 +218,14 @@ class RedisNode:
         self.published = 0
         self.last_probe_ok: float | None = None
         # Wall clock of the last proof that this connection received everything (a probe echo,
-        # or the session coming up): a resync after a loss covers comments since then.
+        # or the session coming up): a resync after a loss covers comments since then. Before
+        # the first session: since the node was created (set by the bridge; a node added by a
+        # ring change starts further back, see RedisBridge._move_to).
         self.last_alive_ms: int | None = None
+        self.created_ms = wall_clock_ms()
+        # Channels whose subscribe() gave up (NodeUnavailable) while the hub kept the post: the
+        # node keeps them wanted and, when Redis confirms them, resyncs from the time asked.
+        self._late: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -261,10 +267,12 @@ class RedisNode:
         """Follow `post_id` on this server; returns once Redis confirmed, raises otherwise."""
         channel = CHANNEL_PREFIX + post_id
         timeout = self.settings.timeout
+        asked_ms = wall_clock_ms()
         try:
             async with asyncio.timeout(timeout):
                 while self._state != "up":
                     if self._state == "down":
+                        self._owe_late(channel, asked_ms)
                         raise NodeUnavailable(f"redis {self.name} is down: {self.last_error}")
                     changed = self._state_changed
                     await changed.wait()
@@ -280,13 +288,23 @@ class RedisNode:
                 finally:
                     self._forget_waiter(channel, waiter)
         except TimeoutError:
+            self._owe_late(channel, asked_ms)
             raise NodeUnavailable(
                 f"redis {self.name}: SUBSCRIBE not confirmed within {timeout:g}s"
             ) from None
 
+    def _owe_late(self, channel: str, asked_ms: int) -> None:
+        """subscribe() is giving up, and the hub keeps the post (BridgeUnavailable): keep the
+        channel wanted, so this session or the next follows it, and resync it once confirmed."""
+        self._late[channel] = min(self._late.get(channel, asked_ms), asked_ms)
+        if channel not in self._wanted:
+            self._wanted.add(channel)
+            self._dirty.set()
+
     def unsubscribe(self, post_id: str) -> None:
         """Stop following `post_id` here. Does not wait: the command worker sends it soon."""
         channel = CHANNEL_PREFIX + post_id
+        self._late.pop(channel, None)
         if channel in self._wanted:
             self._wanted.discard(channel)
             self._dirty.set()
@@ -379,6 +397,14 @@ class RedisNode:
             self._wanted.add(self._probe_channel)
             self._dirty.clear()
             await self._sync(conn, reader)
+            # Posts the hub kept while this session was connecting (their subscribe gave up
+            # after we read local_posts() above): follow them in this session too.
+            missed = {CHANNEL_PREFIX + p for p in self._listener.local_posts() if self._owns(p)}
+            missed -= self._wanted
+            if missed:
+                self._wanted |= missed
+                owned += [_post_of(c) for c in missed]
+                await self._sync(conn, reader)
             self._set_state("up")
             backoff.reset()
             if self._ever_up:
@@ -387,7 +413,8 @@ class RedisNode:
             self._ever_up = True
             restored = [p for p in owned if CHANNEL_PREFIX + p in self._confirmed]
             log.info("redis %s: Pub/Sub connected, following %d posts", self.name, len(restored))
-            since_ms = self.last_alive_ms or wall_clock_ms()
+            since_ms = min([self.last_alive_ms or self.created_ms, *self._late.values()])
+            self._late.clear()  # resynced below with the rest
             self.last_alive_ms = wall_clock_ms()
             if restored:
                 # Published while we were away means lost: tell those clients to refetch.
@@ -433,6 +460,10 @@ class RedisNode:
     def _on_subscribed(self, channel: str) -> None:
         self._pending_sub.discard(channel)
         self._confirmed.add(channel)
+        asked_ms = self._late.pop(channel, None)
+        if asked_ms is not None and self._listener is not None and self._state == "up":
+            # Its local subscribers were told "subscribed" before Redis was: refetch the gap.
+            self._listener.resync([_post_of(channel)], asked_ms)
         for waiter in self._waiters.pop(channel, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -759,6 +790,9 @@ class RedisBridge:
                 if generation == self._generation:
                     return
                 # The ring changed while we waited: follow the post where it lives now too.
+        except BridgeUnavailable:
+            # The hub keeps the post: the nodes keep it wanted and follow it when they can.
+            raise
         except BaseException:
             # The hub rolls the post back; nothing should stay subscribed on its behalf.
             for url in done:
@@ -816,8 +850,12 @@ class RedisBridge:
         assert self._listener is not None
         old_ring = self._ring
         added = [url for url in new_ring.urls if url not in self._nodes]
+        # Instances reload within RING_CHANGE_GRACE of each other, and until one has, what it
+        # publishes for a moved post may go where we no longer listen: resyncs reach back that far.
+        gap_start_ms = wall_clock_ms() - int(self._grace * 1000)
         for url in added:
             self._nodes[url] = self._new_node(url)
+            self._nodes[url].created_ms = gap_start_ms
             self._nodes[url].start(self._listener)
         self._previous, self._ring = old_ring, new_ring
         self._generation += 1
@@ -844,7 +882,7 @@ class RedisBridge:
             len(moved),
             failed,
         )
-        self._listener.resync(resync, wall_clock_ms())
+        self._listener.resync(resync, gap_start_ms)
         self._grace_task = asyncio.create_task(self._grace_worker(), name="redis-ring-grace")
 
     async def _grace_worker(self) -> None:

@@ -23,6 +23,7 @@ from livecomments.redis_bridge import CHANNEL_PREFIX, NodeUnavailable, RedisBrid
 from livecomments.ring import Ring
 from tests.redis_servers import (
     DeafeningProxy,
+    DelayProxy,
     RedisServers,
     async_wait_until,
     redis_servers,
@@ -277,12 +278,95 @@ async def test_the_pubsub_worker_survives_a_bug_and_keeps_reconnecting(
     events.local_posts = local_posts_failing_once
     server.command("CLIENT", "KILL", "TYPE", "pubsub")
     await async_wait_until(lambda: events.resyncs == ["w1"], DEADLINE, "recovery")
-    assert calls == 2
+    assert calls == 3  # the failed session, then the next one's start and its late check
     sender.publish("w1", b"ok")
     await async_wait_until(lambda: events.got("w1", b"ok"), DEADLINE, "delivery")
 
 
 # -- faults -------------------------------------------------------------------------------------
+
+
+@pytest.mark.fault
+async def test_a_subscribe_that_gives_up_while_the_server_is_up_is_not_lost(redis_nodes):
+    """Replies 1.5 s late, timeout 2 s: p0's round is confirmed at 1.5 s; p1, asked meanwhile,
+    rides the next round, confirmed at 3 s, after p1's caller gave up (2.1 s) but within that
+    round's deadline (3.5 s), so the session lives on. The hub keeps p1 (BridgeUnavailable):
+    the bridge must go on following it, on this very connection, and resync it."""
+    (server,) = redis_nodes.start(1)
+    proxy = await DelayProxy(server.port).start()
+    slow = RedisSettings(urls=[proxy.url], timeout=2.0, probe_interval=30.0)
+    hub = Hub(RedisBridge(slow, Metrics()), Metrics())
+    sender = RedisBridge(RedisSettings(urls=[server.url], probe_interval=30.0), Metrics())
+    watchers = [Watcher(), Watcher()]
+    try:
+        await hub.start()
+        await sender.start(Listener())
+        node = hub._bridge.node(proxy.url)  # type: ignore[attr-defined]
+        await async_wait_until(lambda: node.status()["state"] == "up", DEADLINE, "connected")
+        proxy.delay = 1.5
+        first = asyncio.create_task(hub.subscribe(watchers[0], "p0"))
+        for _ in range(100):  # p0's SUBSCRIBE is on the wire: its round is in flight
+            if CHANNEL_PREFIX + "p0" in node._pending_sub:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.gather(first, hub.subscribe(watchers[1], "p1"))
+        await async_wait_until(
+            lambda: server.numsub([CHANNEL_PREFIX + "p1"])[CHANNEL_PREFIX + "p1"] == 1,
+            DEADLINE,
+            "p1 followed on Redis",
+        )
+        assert node.reconnects == 0
+        sender.publish("p1", b'{"n":1}')
+        await async_wait_until(lambda: watchers[1].got(b'{"n":1}'), DEADLINE, "p1 delivered")
+        assert watchers[1].resynced()
+    finally:
+        await hub.stop()
+        await sender.stop()
+        await proxy.close()
+
+
+class Watcher:
+    """A hub subscriber that records the events (frames) offered to it."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def offer(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def got(self, payload: bytes) -> bool:
+        return any(f.endswith(payload) for f in self.frames)
+
+    def resynced(self) -> bool:
+        return any(b'"type":"resync"' in f for f in self.frames)
+
+
+async def test_a_subscribe_confirmed_too_late_is_followed_and_resynced(
+    redis_nodes: RedisServers, make_bridge: MakeBridge
+):
+    """The hub keeps a post whose subscribe gave up (BridgeUnavailable). The bridge must not
+    drop it: when Redis confirms after all, the post is followed and its subscribers resync."""
+    (server,) = redis_nodes.start(1)
+    proxy = await DeafeningProxy(server.port).start()
+    try:
+        sender, _ = await make_bridge([server.url])
+        receiver, events = await make_bridge([proxy.url], timeout=0.3, probe_interval=5.0)
+        proxy.hold_replies()  # the SUBSCRIBE goes out; its confirmation waits
+        with pytest.raises(NodeUnavailable):
+            await receiver.subscribe("late-1")
+        gave_up_ms = wall_clock_ms()
+        events.posts.add("late-1")  # what the hub does on BridgeUnavailable
+        proxy.release_replies()
+        # Confirmed late on this connection, or followed by the next session (the unconfirmed
+        # round also ends this one): either way the post is followed and resynced from before
+        # its subscriber was told "subscribed".
+        await async_wait_until(lambda: "late-1" in events.resyncs, DEADLINE, "a late resync")
+        assert events.resync_since[events.resyncs.index("late-1")] <= gave_up_ms
+        sender.publish("late-1", b"after")
+        await async_wait_until(lambda: events.got("late-1", b"after"), DEADLINE, "delivery")
+    finally:
+        await proxy.close()
 
 
 @pytest.mark.fault
