@@ -208,6 +208,7 @@ class RedisNode:
         # channel -> oldest dropped event's publish time, for posts that still need a LOST notice
         self._lost: dict[str, int] = {}
         self._outbox_ready = asyncio.Event()
+        self._in_flight: list[tuple[str, bytes, int]] = []  # the batch being published
         self._idle = asyncio.Event()
         self._idle.set()
         # -- for status()
@@ -624,6 +625,10 @@ class RedisNode:
                 raise
             except Exception:
                 log.exception("redis %s: publish worker failed; restarting", self.name)
+                # The batch it had taken is not retried: count it and send LOST notices.
+                for channel, _, published_ms in self._in_flight:
+                    self._drop(channel, published_ms)
+                self._in_flight = []
                 self._idle.set()
                 await asyncio.sleep(backoff.next())
 
@@ -634,6 +639,7 @@ class RedisNode:
             await self._outbox_ready.wait()
         self._idle.clear()
         batch = [self._outbox.popleft() for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
+        self._in_flight = batch
         loop = asyncio.get_running_loop()
         first_failure = loop.time()
         while True:
@@ -647,6 +653,7 @@ class RedisNode:
                 self.last_error = f"publish: {type(e).__name__}: {e}"
                 waited = loop.time() - first_failure
                 if waited >= self.settings.publish_retry:
+                    self._in_flight = []
                     for channel, _, published_ms in batch:
                         self._drop(channel, published_ms)
                     log.warning(
@@ -661,6 +668,7 @@ class RedisNode:
                 await asyncio.sleep(min(delay, self.settings.publish_retry - waited + 0.001))
                 continue
             backoff.reset()
+            self._in_flight = []
             self.published += len(batch)
             self._metrics.inc("redis_published_total", len(batch))
             if self._lost:

@@ -703,3 +703,33 @@ async def test_race_many_concurrent_joins_and_leaves_keep_redis_in_step(gated_hu
         if hub.subscribers(post):
             assert subscribed_in_redis(server, post) == 1
     await async_wait_until(in_step, DEADLINE, "Redis subscriptions matching local subscribers")
+
+
+async def test_a_publish_batch_lost_to_a_bug_is_counted_and_announced(
+    redis_nodes: RedisServers, make_bridge: MakeBridge
+):
+    (server,) = redis_nodes.start(1)
+    sender, _ = await make_bridge([server.url])
+    receiver, events = await make_bridge([server.url])
+    await follow(receiver, events, ["bug"])
+    node = sender.node(server.url)
+    real_pipeline = node._client.pipeline
+    calls = 0
+
+    def pipeline_failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug, not a Redis error")
+        return real_pipeline(*args, **kwargs)
+
+    node._client.pipeline = pipeline_failing_once  # type: ignore[method-assign]
+    sender.publish("bug", b"lost")
+    await async_wait_until(
+        lambda: node_status(sender, server.url)["dropped_publishes"] == 1,
+        DEADLINE,
+        "the lost batch counted",
+    )
+    sender.publish("bug", b"next")  # the worker restarted: publishing works, LOST goes out
+    await async_wait_until(lambda: events.got("bug", b"next"), DEADLINE, "the next event")
+    await async_wait_until(lambda: events.resyncs == ["bug"], DEADLINE, "a LOST notice")
