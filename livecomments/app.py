@@ -135,6 +135,7 @@ async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await lease.release()
         raise
+    app[STATE]["lease"] = lease
     renewer = asyncio.create_task(lease.renew_worker(), name="lease-renew-worker")
     try:
         yield
@@ -312,6 +313,13 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
     client_msg_id = check_key(
         "client_msg_id", fields.get("client_msg_id"), limits.id_max_chars, required=False
     )
+    if _lease_conflict(app):
+        raise ApiError(
+            503,
+            "instance_id_conflict",
+            "this instance's id is held by another instance; retry (on another instance)",
+            {"Retry-After": "5"},
+        )
     key = (draft.uid, client_msg_id) if client_msg_id else None
     if key is not None:
         earlier = app[RECENT].claim(key, draft)
@@ -333,6 +341,11 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
     app[METRICS].inc("comments_accepted_total")
     app[HUB].publish(comment.post_id, comment_json)
     return _created(comment_json)
+
+
+def _lease_conflict(app: web.Application) -> bool:
+    lease: InstanceLease | None = app[STATE].get("lease")
+    return lease is not None and lease.conflict
 
 
 def _created(comment_json: bytes) -> web.Response:
@@ -407,6 +420,8 @@ async def readyz(request: web.Request) -> web.Response:
         not_ready.append("shutting_down")
     if queue_full:
         not_ready.append("queue_full")
+    if _lease_conflict(app):
+        not_ready.append("instance_id_conflict")
     degraded = store["status"] != "ok" or bridge.get("status") != "ok"
     status = "unavailable" if not_ready else ("degraded" if degraded else "ok")
     body = {

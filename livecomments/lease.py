@@ -12,9 +12,11 @@ it):
 * An explicit id that another live instance holds stops start-up with an error naming it.
 * An explicit id starts even while that Redis server is down (the lease is a guard, and renewal
   keeps trying); `-1` cannot pick an id without it, so start-up stops with an error.
-* If the lease cannot be renewed (Redis down), the instance keeps its id and keeps trying: an
-  instance whose lease lapsed during a long Redis outage could share its id with a newcomer, which
-  is why the TTL is long and the newcomer starts from a random point.
+* If the lease cannot be renewed (Redis down), the instance keeps its id and keeps trying. If it
+  lapsed meanwhile (a long outage, Redis restarted empty) and a newcomer took the id, the
+  instance refuses new comments (503 `instance_id_conflict`, /readyz not ready) until the id is
+  free again, rather than mint ids that may collide. The TTL is long and a newcomer starts from
+  a random point, so this is rare.
 
 Without Redis there is one instance, and `-1` means 0.
 """
@@ -66,6 +68,8 @@ class InstanceLease:
         self._requested = requested
         self._token = secrets.token_hex(8)
         self.instance_id: int | None = None
+        # Another live instance holds our id: new ids could collide with its ones.
+        self.conflict = False
 
     async def acquire(self) -> int:
         """Claim the requested id (or, for -1, any free one); raise if that cannot be done."""
@@ -93,23 +97,38 @@ class InstanceLease:
 
     async def renew_worker(self) -> None:
         """Renew every third of the TTL until cancelled; failures are logged and retried."""
+        while True:
+            await asyncio.sleep(LEASE_TTL / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """One renewal. If the lease lapsed and another instance now holds the id, `conflict`
+        is set (the app refuses new comments rather than mint ids that may collide) until the
+        id is ours again."""
         assert self.instance_id is not None
         key = KEY.format(self.instance_id)
         ttl_ms = int(LEASE_TTL * 1000)
-        while True:
-            await asyncio.sleep(LEASE_TTL / 3)
-            try:
-                if await self._client.eval(_RENEW, 1, key, self._token, ttl_ms):
-                    continue
-                # Lapsed (Redis restarted empty, or a long outage): take it again if it is free.
-                again = await self._client.set(key, self._token, nx=True, px=ttl_ms)
-                log.warning(
-                    "lease: instance id %d had lapsed; %s",
+        try:
+            if await self._client.eval(_RENEW, 1, key, self._token, ttl_ms):
+                self._set_conflict(False)
+                return
+            # Lapsed (Redis restarted empty, or a long outage): take it again if it is free.
+            again = await self._client.set(key, self._token, nx=True, px=ttl_ms)
+            self._set_conflict(not again)
+        except (RedisError, OSError) as e:
+            log.warning("lease: cannot renew instance id %d: %s", self.instance_id, e)
+
+    def _set_conflict(self, conflict: bool) -> None:
+        if conflict != self.conflict:
+            if conflict:
+                log.error(
+                    "lease: instance id %d lapsed and is held by another instance; refusing "
+                    "new comments until it is free again",
                     self.instance_id,
-                    "re-claimed" if again else "now held by another instance: ids may collide",
                 )
-            except (RedisError, OSError) as e:
-                log.warning("lease: cannot renew instance id %d: %s", self.instance_id, e)
+            else:
+                log.info("lease: instance id %d is ours again", self.instance_id)
+        self.conflict = conflict
 
     async def release(self) -> None:
         try:

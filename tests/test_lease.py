@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from livecomments.app import STATE, create_app
+from livecomments.config import load_settings
 from livecomments.lease import KEY, InstanceIdUnavailable, InstanceLease
 from tests.redis_servers import RedisServer, redis_servers
 from tests.server import ServerProcess, free_port
@@ -75,3 +78,38 @@ def test_two_servers_cannot_share_an_explicit_id(start_server, redis_node: Redis
     start_server(name="first", env=env)
     with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*instance_id 9 is in use"):
         start_server(name="second", env=env)
+
+
+async def test_a_lapsed_lease_taken_by_another_instance_is_a_conflict(redis_node: RedisServer):
+    mine = InstanceLease(redis_node.url, 3, timeout=2)
+    assert await mine.acquire() == 3
+    redis_node.command("DEL", KEY.format(3))  # Redis restarted empty, say
+    newcomer = InstanceLease(redis_node.url, 3, timeout=2)
+    assert await newcomer.acquire() == 3
+    await mine.renew()
+    assert mine.conflict, "kept minting ids another live instance mints too"
+    await newcomer.release()
+    await mine.renew()
+    assert not mine.conflict  # free again: re-claimed
+    assert redis_node.command("EXISTS", KEY.format(3)) == 1
+    await mine.release()
+
+
+async def test_an_instance_in_conflict_refuses_comments_and_is_not_ready(
+    aiohttp_client, tmp_path: Path
+):
+    settings = load_settings(
+        None,
+        environ={
+            "LIVECOMMENTS_STORE_URL": f"sqlite:///{tmp_path}/c.db",
+            "LIVECOMMENTS_QUEUE_DIR": str(tmp_path / "queue"),
+        },
+    )
+    client = await aiohttp_client(create_app(settings))
+    body = {"post_id": "p", "uid": "u", "message": "m"}
+    assert (await client.post("/v1/comments", json=body)).status == 201
+    client.app[STATE]["lease"] = SimpleNamespace(conflict=True)  # what renew() found
+    r = await client.post("/v1/comments", json=body)
+    assert r.status == 503 and (await r.json())["error"]["code"] == "instance_id_conflict"
+    r = await client.get("/readyz")
+    assert r.status == 503 and (await r.json())["not_ready"] == ["instance_id_conflict"]
