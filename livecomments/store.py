@@ -154,13 +154,16 @@ class Comments:
         return await self.queue.enqueue(comment)
 
     async def page(self, query: PageQuery) -> tuple[list[Comment], bool]:
+        # The queue first, then the database: a comment acked by the flusher while the database
+        # read is in flight is gone from the queue, and only a read that starts after the ack
+        # is sure to see it in the database. (The other order lost it: read-your-writes broke.)
+        queued = self.queue.pending_page(query.post_id, query.limit + 1, query.before, query.after)
         try:
             stored = await self.store.page(query)
         except Exception as e:
             # Not recorded as the store's health: the flusher owns that, and one slow read is
             # not the database being down.
             raise StoreUnavailable(str(e)) from e
-        queued = self.queue.pending_page(query.post_id, query.limit + 1, query.before, query.after)
         # Both sides hold their own window of limit+1; the page's window lies in their union.
         merged = {c.id: c for c in stored}
         merged.update((c.id, c) for c in queued)
