@@ -9,7 +9,7 @@ synchronous client, for PUBSUB NUMSUB, CLIENT KILL and friends.
 `DeafeningProxy` forwards TCP to a server; `deafen()` stops forwarding the server's bytes to the
 Pub/Sub connections (those that sent SUBSCRIBE) while keeping them open: the failure that
 health checks miss. `hold_replies()`/`release_replies()` gate everything the server sends to
-those connections, for deterministic races.
+those connections, for deterministic races, and `reply_delay` slows it down.
 """
 
 from __future__ import annotations
@@ -208,6 +208,9 @@ class DeafeningProxy:
         self.upstream = bytearray()  # everything clients sent, to see which commands went out
         self.replies_open = asyncio.Event()
         self.replies_open.set()
+        # Seconds each chunk the server sends a Pub/Sub connection is held before it is passed
+        # on: slow confirmations, for the interleavings that need a reply late but not lost.
+        self.reply_delay = 0.0
 
     @property
     def url(self) -> str:
@@ -271,70 +274,9 @@ class DeafeningProxy:
                         self._pubsub_states.append(state)
                 elif state["pubsub"]:
                     await self.replies_open.wait()
+                    if self.reply_delay:
+                        await asyncio.sleep(self.reply_delay)  # the injected latency
                     if state["deaf"]:
                         continue  # swallowed: the connection stays open and hears nothing
                 writer.write(data)
                 await writer.drain()
-
-
-class DelayProxy:
-    """A TCP proxy that delays every byte the server sends by `delay` seconds (order kept).
-
-    Slow replies make a SUBSCRIBE confirmed after its caller gave up but within the round's
-    own deadline: the interleaving in which a subscription used to be dropped for good."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.delay = 0.0  # seconds; set it once the client is connected
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> DelayProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        for coro in (self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True)):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def read() -> None:
-            while data := await reader.read(65536):
-                queue.put_nowait((loop.time() + (self.delay if delayed else 0.0), data))
-            queue.put_nowait((loop.time(), b""))
-
-        reading = asyncio.create_task(read())
-        try:
-            while True:
-                due, data = await queue.get()
-                await asyncio.sleep(max(0.0, due - loop.time()))  # the injected latency
-                if not data:
-                    break
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            reading.cancel()
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -23,7 +23,6 @@ from livecomments.redis_bridge import CHANNEL_PREFIX, NodeUnavailable, RedisBrid
 from livecomments.ring import Ring
 from tests.redis_servers import (
     DeafeningProxy,
-    DelayProxy,
     RedisServers,
     async_wait_until,
     redis_servers,
@@ -293,7 +292,7 @@ async def test_a_subscribe_that_gives_up_while_the_server_is_up_is_not_lost(redi
     round's deadline (3.5 s), so the session lives on. The hub keeps p1 (BridgeUnavailable):
     the bridge must go on following it, on this very connection, and resync it."""
     (server,) = redis_nodes.start(1)
-    proxy = await DelayProxy(server.port).start()
+    proxy = await DeafeningProxy(server.port).start()
     slow = RedisSettings(urls=[proxy.url], timeout=2.0, probe_interval=30.0)
     hub = Hub(RedisBridge(slow, Metrics()), Metrics())
     sender = RedisBridge(RedisSettings(urls=[server.url], probe_interval=30.0), Metrics())
@@ -303,7 +302,7 @@ async def test_a_subscribe_that_gives_up_while_the_server_is_up_is_not_lost(redi
         await sender.start(Listener())
         node = hub._bridge.node(proxy.url)  # type: ignore[attr-defined]
         await async_wait_until(lambda: node.status()["state"] == "up", DEADLINE, "connected")
-        proxy.delay = 1.5
+        proxy.reply_delay = 1.5
         first = asyncio.create_task(hub.subscribe(watchers[0], "p0"))
         for _ in range(100):  # p0's SUBSCRIBE is on the wire: its round is in flight
             if CHANNEL_PREFIX + "p0" in node._pending_sub:
