@@ -95,8 +95,9 @@ class Hub:
         self._metrics = metrics
         self._max_posts = max_posts
         self._posts: dict[str, set[Subscriber]] = {}
-        # Posts the bridge is subscribed to. A post is here only while it has, or is getting,
-        # local subscribers; the fast path of subscribe() trusts it without taking the lock.
+        # Posts the bridge has been asked to follow (and follows, or will once it is back: see
+        # BridgeUnavailable). A post is here only while it has, or is getting, local
+        # subscribers; the fast path of subscribe() trusts it without taking the lock.
         self._bridged: set[str] = set()
         self._locks = _KeyedLocks()
 

@@ -30,7 +30,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from livecomments.comment import Comment
 
@@ -326,7 +325,7 @@ class WriteAheadQueue:
                 continue  # reached the damage from this side
         return [rows[i] for i in sorted(rows)]
 
-    def _commit_sync(self, rows: list[tuple[int, str, bytes]] | list[Any]) -> None:
+    def _commit_sync(self, rows: list[tuple[int, str, bytes]]) -> None:
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
