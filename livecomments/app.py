@@ -28,7 +28,9 @@ from livecomments.conn import (
     CLOSE_NORMAL,
     CLOSE_UNSUPPORTED_DATA,
     Conn,
+    Heartbeat,
     WriteBatcher,
+    pong_frame,
     text_frame,
 )
 from livecomments.dedupe import RecentRequests
@@ -78,6 +80,7 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
     app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(comments_ctx)
     app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(heartbeat_ctx)
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
     app.router.add_post("/v1/comments", post_comment_json)
@@ -226,6 +229,18 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[HUB].stop()
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Pings quiet sockets and cuts dead ones (conn.Heartbeat) for the life of the app."""
+    conns: set[Conn] = app[CONNS]
+    heartbeat = Heartbeat(conns, app[SETTINGS].websocket.heartbeat)
+    worker = asyncio.create_task(heartbeat.worker(), name="heartbeat-worker")
+    try:
+        yield
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
 
 
 async def close_sockets(app: web.Application) -> None:
@@ -454,8 +469,16 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if "post_id" in request.query:
         first_post = check_key("post_id", request.query["post_id"], settings.limits.id_max_chars)
     ws = web.WebSocketResponse(
-        heartbeat=settings.websocket.heartbeat,
-        max_msg_size=settings.limits.ws_frame_max_bytes,
+        # Pings are ours (conn.Heartbeat): one worker for every socket, and a pong must reach
+        # the read loop to count as a sign of life.
+        heartbeat=None,
+        autoping=False,
+        # The read loop ends on the peer's close and conn.close_soon answers it, after the
+        # frames already offered: aiohttp's own answer would go out before them.
+        autoclose=False,
+        # aiohttp refuses a message of max_msg_size bytes itself (it checks `>=`); ours is the
+        # largest one taken, as config.toml says.
+        max_msg_size=settings.limits.ws_frame_max_bytes + 1,
         # Never negotiated: conn.py writes one pre-built frame to every socket.
         compress=False,
     )
@@ -481,12 +504,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await app[HUB].leave(conn, conn.posts)
         conn.close_soon(CLOSE_NORMAL, b"")
         await conn.wait_closed()
+        conn.forget_exception()
     return ws
 
 
 async def _read_loop(app: web.Application, conn: Conn) -> None:
+    loop = asyncio.get_running_loop()
     async for msg in conn.ws:
-        if msg.type == WSMsgType.TEXT:
+        conn.heard(loop.time())
+        if msg.type == WSMsgType.PING:
+            conn.offer(pong_frame(msg.data))
+        elif msg.type == WSMsgType.TEXT:
             await _on_text(app, conn, msg.data)
         elif msg.type == WSMsgType.BINARY:
             conn.close_soon(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported")

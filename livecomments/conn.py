@@ -14,8 +14,12 @@ The hot path is built so that fan-out to ten thousand sockets costs ten thousand
   socket is closed with `CLOSE_SLOW_CONSUMER` (4008) rather than buffered without end. The client
   reconnects and catches up with `GET ...&after=`.
 
-aiohttp still owns the connection's own traffic (handshake, pings, close), and writes whole
-frames too, so the two never split each other's frames.
+Heartbeats are ours too, not aiohttp's (`heartbeat=None` on the response): one `Heartbeat`
+worker pings every quiet socket with the same pre-built frame and cuts those that stay silent,
+instead of a timer and a per-message callback per socket. (aiohttp's callback is also a
+reference cycle, response -> protocol -> callback -> response, that kept every socket closed
+without a close frame alive until a full garbage collection.) aiohttp still owns the handshake
+and the close, and writes whole frames too, so the two never split each other's frames.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from aiohttp import web
 
@@ -32,12 +36,18 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_UNSUPPORTED_DATA = 1003  # binary frame
+CLOSE_ABNORMAL = 1006  # never sent: what the peer sees when we cut the TCP connection
 CLOSE_INTERNAL_ERROR = 1011  # the server could not write to this socket
 CLOSE_SLOW_CONSUMER = 4008  # outbox overflowed: reconnect and catch up
 # How long a close handshake with a peer that does not read may take before we drop the TCP.
 CLOSE_TIMEOUT = 2.0
 
 _FIN_TEXT = 0x81
+_FIN_PING = 0x89
+_FIN_PONG = 0x8A
+PING_FRAME = bytes((_FIN_PING, 0))
+# RFC 6455 5.5: control frames carry at most 125 bytes.
+MAX_CONTROL_PAYLOAD = 125
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -50,6 +60,12 @@ def text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", _FIN_TEXT, 127, n)
     return header + payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The answer to a client's ping: a pong echoing its (at most 125-byte) payload."""
+    payload = payload[:MAX_CONTROL_PAYLOAD]
+    return bytes((_FIN_PONG, len(payload))) + payload
 
 
 class WriteBatcher:
@@ -75,7 +91,7 @@ class WriteBatcher:
                 # One broken transport must not leave the sockets after it marked dirty and
                 # never written again: drop that socket, keep going.
                 log.exception("write to a socket failed; closing it")
-                conn.close_soon(CLOSE_INTERNAL_ERROR, b"write failed")
+                conn.close_soon(CLOSE_INTERNAL_ERROR, b"write failed", drop_pending=True)
 
 
 class Conn:
@@ -91,6 +107,8 @@ class Conn:
         "_pending",
         "_pending_bytes",
         "_transport",
+        "last_seen",
+        "pinged_at",
         "posts",
         "ws",
     )
@@ -114,6 +132,14 @@ class Conn:
         self._dirty = False
         self._close_code: int | None = None
         self._closer: asyncio.Task[None] | None = None
+        # Event-loop time of the last frame from the peer, and of our last unanswered ping.
+        self.last_seen = asyncio.get_running_loop().time()
+        self.pinged_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        """The peer sent a frame (data, ping or pong): it is alive."""
+        self.last_seen = now
+        self.pinged_at = None
 
     def offer(self, frame: bytes) -> bool:
         """Queue a complete frame (see `text_frame`) without waiting. False if dropped."""
@@ -122,7 +148,7 @@ class Conn:
         backlog = self._pending_bytes + self._transport.get_write_buffer_size()
         if backlog + len(frame) > self._max_bytes:
             self._on_slow()
-            self.close_soon(CLOSE_SLOW_CONSUMER, b"slow consumer")
+            self.close_soon(CLOSE_SLOW_CONSUMER, b"slow consumer", drop_pending=True)
             return False
         self._pending.append(frame)
         self._pending_bytes += len(frame)
@@ -142,10 +168,14 @@ class Conn:
         self._pending_bytes = 0
         self._transport.write(data)
 
-    def close_soon(self, code: int, reason: bytes) -> None:
-        """Drop what is pending and close the socket with `code`, in the background."""
+    def close_soon(self, code: int, reason: bytes, *, drop_pending: bool = False) -> None:
+        """Close the socket with `code`, in the background. Frames already offered go out
+        first (a last event before a close must arrive), unless `drop_pending`: a peer that
+        does not read gets its close frame without the backlog it could not take."""
         if self._close_code is not None:
             return
+        if not drop_pending:
+            self.flush()
         self._close_code = code
         self._pending = []
         self._pending_bytes = 0
@@ -159,6 +189,29 @@ class Conn:
         if self._closer is not None:
             await self._closer
 
+    def abort(self) -> None:
+        """Cut a peer that stopped answering: no close handshake, it could not take one."""
+        if self._close_code is None:
+            self._close_code = CLOSE_ABNORMAL
+            self._pending = []
+            self._pending_bytes = 0
+        self._transport.abort()
+
+    def forget_exception(self) -> None:
+        """Drop the tracebacks of the exception aiohttp keeps on a socket that ended in error.
+
+        A peer that vanished without a close frame (a phone losing signal) makes `ws.close()` or
+        `ws.receive()` store the exception (`ws.exception()`). Its traceback holds their frames,
+        whose `self` is the response: a cycle through the request, the handler and the transport
+        that only a full collection frees, and with cli.tune_gc's thresholds one rarely runs.
+        Without the traceback, reference counting frees the socket as soon as the handler ends."""
+        seen: set[int] = set()
+        error: BaseException | None = self.ws.exception()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            error.__traceback__ = None
+            error = error.__context__ or error.__cause__
+
     async def _close(self, code: int, reason: bytes) -> None:
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason), CLOSE_TIMEOUT)
@@ -166,3 +219,42 @@ class Conn:
             # A peer that does not read cannot take a close frame either: cut the connection.
             log.debug("close %d did not complete (%s); aborting the connection", code, e)
             self._transport.abort()
+
+
+class Heartbeat:
+    """Finds dead peers: pings every socket quiet for `interval` seconds, cuts one that sends
+    nothing for `interval / 2` after its ping.
+
+    A peer that vanished without a FIN (a phone out of coverage, a crashed NAT) leaves a socket
+    that looks open for as long as TCP's own timeouts, hours. One worker for every socket, with
+    one shared ping frame; it ticks four times per interval, so a dead peer is cut between
+    `interval * 1.5` and `interval * 1.75` after its last frame.
+    """
+
+    def __init__(self, conns: Collection[Conn], interval: float) -> None:
+        self._conns = conns
+        self.interval = interval
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval / 4)
+            try:
+                self.tick(loop.time())
+            except Exception:  # a bug here must not end heartbeats for good
+                log.exception("heartbeat: tick failed")
+
+    def tick(self, now: float) -> int:
+        """Ping the quiet, cut the silent; return how many were cut."""
+        cut = 0
+        for conn in list(self._conns):
+            if conn.closing:
+                continue
+            if conn.pinged_at is not None:
+                if now - conn.pinged_at >= self.interval / 2:
+                    conn.abort()
+                    cut += 1
+            elif now - conn.last_seen >= self.interval:
+                conn.pinged_at = now
+                conn.offer(PING_FRAME)
+        return cut

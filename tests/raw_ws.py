@@ -34,6 +34,20 @@ class RawWebSocket:
             head += chunk
         assert head.startswith(b"HTTP/1.1 101"), head
 
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        """One client frame (masked, as RFC 6455 requires of clients); opcode 0 continues."""
+        first = (0x80 if fin else 0) | opcode
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", first, 0x80 | n)
+        elif n < 1 << 16:
+            header = struct.pack("!BBH", first, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", first, 0x80 | 127, n)
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
     def read_until_closed(self, timeout: float) -> tuple[int | None, int]:
         """Read frames until the server closes; return (close code or None, bytes read)."""
         deadline = time.monotonic() + timeout

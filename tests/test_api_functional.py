@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from tests.raw_ws import RawWebSocket
 from tests.server import ServerProcess
 
 
@@ -282,6 +283,47 @@ async def test_oversized_frame_closes_with_1009_and_server_stays_healthy(server,
         assert msg.type == WSMsgType.CLOSE and msg.data == 1009
     async with http.get(f"{server.url}/readyz") as r:
         assert r.status == 200
+
+
+def ping_frame_of(size: int) -> bytes:
+    """A `ping` event padded to exactly `size` bytes of JSON text."""
+    head, tail = b'{"type":"ping","pad":"', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("fragments", [1, 2])
+async def test_a_frame_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(
+    server: ServerProcess, fragments: int
+):
+    """limits.ws_frame_max_bytes (16 KiB) is the largest message taken, whole or in pieces."""
+
+    def send_and_read(size: int, then_close: bool) -> tuple[int | None, int]:
+        raw = RawWebSocket(server.port, "/v1/ws")
+        try:
+            payload = ping_frame_of(size)
+            if fragments == 1:
+                raw.send_frame(0x1, payload)
+            else:
+                half = len(payload) // 2
+                raw.send_frame(0x1, payload[:half], fin=False)
+                raw.send_frame(0x0, payload[half:])
+            if then_close:
+                raw.send_frame(0x8, b"\x03\xe8")  # 1000
+            return raw.read_until_closed(timeout=5)
+        finally:
+            raw.close()
+
+    code, got = await asyncio.to_thread(send_and_read, 16 * 1024, True)
+    assert code == 1000 and got > len(b'{"type":"pong"}'), (code, got)  # answered, then closed
+    code, _ = await asyncio.to_thread(send_and_read, 16 * 1024 + 1, False)
+    assert code == 1009
+
+
+async def test_a_protocol_ping_gets_a_pong_with_its_payload(server: ServerProcess, http):
+    async with http.ws_connect(server.ws_url, autoping=False) as ws:
+        await ws.ping(b"are you there")
+        msg = await ws.receive(timeout=5)
+        assert msg.type == WSMsgType.PONG and msg.data == b"are you there"
 
 
 async def test_bad_post_id_on_connect_is_refused_before_upgrade(server: ServerProcess, http):
