@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from livecomments.app import create_app
 from livecomments.config import ConfigError, Settings, load_settings
 from tests.server import REPO
 
 
 def test_defaults_match_the_documented_config_toml():
-    assert load_settings(REPO / "config.toml", environ={}) == Settings()
+    # The file's relative paths are relative to its directory: `make run` writes to ./data of
+    # the repository, as the defaults do from the repository's root.
+    defaults = Settings()
+    expected = replace(
+        defaults,
+        store=replace(defaults.store, url=f"sqlite:///{REPO}/data/comments.db"),
+        queue=replace(defaults.queue, dir=str(REPO / "data" / "queue")),
+    )
+    assert load_settings(REPO / "config.toml", environ={}) == expected
 
 
 def test_environment_overrides_each_section():
@@ -101,3 +113,104 @@ def test_cli_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "queue.flush_batch" in lines[0]
+
+
+# -- relative paths -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory that is not the config file's."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def _config_in(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path, elsewhere: Path):
+    etc = tmp_path / "etc"
+    path = _config_in(etc, '[store]\nurl = "sqlite:///db/c.db"\n[queue]\ndir = "q"\n')
+    s = load_settings(path, environ={})
+    assert s.store.url == f"sqlite:///{etc}/db/c.db"
+    assert s.queue.dir == str(etc / "q")
+
+
+def test_a_relative_config_path_is_taken_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _config_in(tmp_path / "etc", '[queue]\ndir = "q"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("etc/config.toml", environ={}).queue.dir == str(tmp_path / "etc" / "q")
+
+
+def test_environment_values_and_defaults_are_relative_to_the_working_directory(
+    tmp_path: Path, elsewhere: Path
+):
+    etc = tmp_path / "etc"
+    path = _config_in(etc, '[store]\nurl = "sqlite:///db/c.db"\n[queue]\ndir = "q"\n')
+    s = load_settings(path, environ={"LIVECOMMENTS_QUEUE_DIR": "envq"})
+    assert s.queue.dir == str(elsewhere / "envq")  # the variable wins, against the cwd
+    assert s.store.url == f"sqlite:///{etc}/db/c.db"  # the file's own value, against its dir
+    defaults = load_settings(_config_in(etc, ""), environ={})
+    assert defaults.queue.dir == str(elsewhere / "data" / "queue")
+    assert defaults.store.url == f"sqlite:///{elsewhere}/data/comments.db"
+    no_file = load_settings(None, environ={"LIVECOMMENTS_STORE_URL": "sqlite:///x.db"})
+    assert no_file.store.url == f"sqlite:///{elsewhere}/x.db"
+    assert no_file.queue.dir == str(elsewhere / "data" / "queue")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////var/lib/livecomments/c.db",
+        "postgresql://lc:secret@db:5432/livecomments",
+        "postgres://db/livecomments",
+    ],
+)
+def test_absolute_paths_and_other_urls_are_kept_as_written(
+    tmp_path: Path, elsewhere: Path, url: str
+):
+    path = _config_in(tmp_path / "etc", f'[store]\nurl = "{url}"\n[queue]\ndir = "/var/q/"\n')
+    s = load_settings(path, environ={})
+    assert (s.store.url, s.queue.dir) == (url, "/var/q/")
+
+
+async def test_the_queue_and_the_store_use_the_files_next_to_the_config(
+    aiohttp_client: Any, tmp_path: Path, elsewhere: Path
+):
+    etc = tmp_path / "etc"
+    path = _config_in(etc, '[store]\nurl = "sqlite:///data/c.db"\n[queue]\ndir = "data/q"\n')
+    client = await aiohttp_client(create_app(load_settings(path, environ={})))
+    body = {"post_id": "p", "uid": "u", "message": "m"}
+    assert (await client.post("/v1/comments", json=body)).status == 201
+    assert (etc / "data" / "q" / "queue.db").is_file()
+    assert (etc / "data" / "c.db").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_migrate_creates_the_database_next_to_the_config(tmp_path: Path, elsewhere: Path):
+    etc = tmp_path / "etc"
+    path = _config_in(etc, '[store]\nurl = "sqlite:///data/c.db"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "livecomments", "--config", str(path), "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=elsewhere,
+        env={**_environ_without_settings(), "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (etc / "data" / "c.db").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+def _environ_without_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("LIVECOMMENTS_")}
