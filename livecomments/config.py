@@ -2,7 +2,8 @@
 
 Every key has a default here and a documented line in the root `config.toml`; a key that is
 unknown, of the wrong type or out of range raises `ConfigError` naming it, so a typo never
-silently falls back to a default.
+silently falls back to a default. Paths come out absolute: a relative one written in the file is
+relative to the file's directory, any other to the working directory.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ _RANGES: dict[str, tuple[float, float]] = {
 def load_settings(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Read `path` (if given), then apply `LIVECOMMENTS_*` variables over it."""
+    """Read `path` (if given), then apply `LIVECOMMENTS_*` variables over it.
+
+    The paths in the result are absolute (see `_resolve_paths`): relative ones written in the
+    file are relative to the file's directory, the others to the working directory."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -149,7 +153,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
     env = os.environ if environ is None else environ
-    return _build(raw, env)
+    return _resolve_paths(_build(raw, env), raw, env, path)
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str]) -> Settings:
@@ -249,3 +253,38 @@ def _check_relations(s: Settings) -> None:
             raise ConfigError(f"redis.urls: expected redis://host:port[/db], got {url!r}")
     if len(set(s.redis.urls)) != len(s.redis.urls):
         raise ConfigError("redis.urls: lists the same server twice")
+
+
+SQLITE_URL_PREFIX = "sqlite:///"
+
+
+def _resolve_paths(
+    settings: Settings, raw: dict[str, Any], env: Mapping[str, str], path: str | Path | None
+) -> Settings:
+    """Make `queue.dir` and the path of a `sqlite:///relative.db` store URL absolute, once, so
+    that the queue, the store and `migrate` use the same files whatever their working directory.
+
+    A relative path written in the config file is relative to the file's directory: a service
+    manager that starts the process elsewhere (systemd without `WorkingDirectory` starts it in
+    `/`) still finds the data next to its config. A relative path from a `LIVECOMMENTS_*`
+    variable, or a default the file does not set, is relative to the working directory, as a
+    path typed on a command line is. Absolute paths and non-SQLite URLs are kept as written."""
+    cwd = Path.cwd()
+    # Not .resolve(): a symlinked config file's directory is the link's, as the user wrote it.
+    file_dir = cwd if path is None else (cwd / path).parent
+
+    def base(section: str, key: str) -> Path:
+        in_file = key in raw.get(section, {})
+        return file_dir if in_file and f"{ENV_PREFIX}{section}_{key}".upper() not in env else cwd
+
+    queue_dir = settings.queue.dir
+    if not os.path.isabs(queue_dir):
+        queue_dir = str(base("queue", "dir") / queue_dir)
+    url = settings.store.url
+    if url.startswith(SQLITE_URL_PREFIX) and not os.path.isabs(url[len(SQLITE_URL_PREFIX) :]):
+        url = SQLITE_URL_PREFIX + str(base("store", "url") / url[len(SQLITE_URL_PREFIX) :])
+    return dataclasses.replace(
+        settings,
+        queue=dataclasses.replace(settings.queue, dir=queue_dir),
+        store=dataclasses.replace(settings.store, url=url),
+    )
