@@ -58,6 +58,8 @@ BATCHER = web.AppKey("batcher", WriteBatcher)
 
 # Seconds a client should wait before retrying a POST refused because the queue is full.
 RETRY_AFTER_QUEUE_FULL = 5
+# ... and one refused because the queue cannot write (disk full); it retries every second.
+RETRY_AFTER_QUEUE_UNAVAILABLE = 2
 MAX_SNOWFLAKE = (1 << 63) - 1
 
 
@@ -378,7 +380,12 @@ def _refusal(e: Exception) -> ApiError:
             "too many comments are waiting for the database; retry later",
             {"Retry-After": str(RETRY_AFTER_QUEUE_FULL)},
         )
-    return ApiError(503, "queue_unavailable", f"the comment could not be made durable: {e}")
+    return ApiError(
+        503,
+        "queue_unavailable",
+        f"the comment could not be made durable: {e}",
+        {"Retry-After": str(RETRY_AFTER_QUEUE_UNAVAILABLE)},
+    )
 
 
 async def list_comments(request: web.Request) -> web.Response:
@@ -435,6 +442,8 @@ async def readyz(request: web.Request) -> web.Response:
         not_ready.append("shutting_down")
     if queue_full:
         not_ready.append("queue_full")
+    if app[COMMENTS].queue.write_error is not None:
+        not_ready.append("queue_unwritable")
     if _lease_conflict(app):
         not_ready.append("instance_id_conflict")
     degraded = store["status"] != "ok" or bridge.get("status") != "ok"

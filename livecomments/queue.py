@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import fcntl
 import itertools
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
@@ -36,6 +38,14 @@ from livecomments.comment import Comment
 log = logging.getLogger(__name__)
 
 QUEUE_FILE = "queue.db"
+LOCK_FILE = "lock"
+# Seconds start-up waits for another process's lock on a healthy queue file before refusing.
+LOCK_WAIT = 5.0
+# Seconds between attempts to write again after a commit failed (disk full, I/O error).
+REPAIR_INTERVAL = 1.0
+# SQLite's words for a file that is damaged, as opposed to busy, read-only or unreachable.
+_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+_BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 # Largest number of comments one commit carries; more callers wait for the next one.
 MAX_GROUP = 4096
 
@@ -46,6 +56,12 @@ class QueueFull(Exception):
 
 class QueueWriteFailed(Exception):
     """The commit failed (disk full, I/O error); the comment was not accepted."""
+
+
+class QueueUnusable(Exception):
+    """The queue cannot be opened: its directory is in use by another process, its file is
+    locked, or it cannot be written. Start-up stops with this message: none of these is
+    damage, so nothing is set aside."""
 
 
 @dataclass(slots=True)
@@ -80,6 +96,13 @@ class WriteAheadQueue:
         # The last enqueue() was refused for want of room, and nothing was flushed since:
         # /readyz says "full" although the bytes held may be short of max_bytes.
         self.refusing = False
+        # Why the last commit failed, while commits fail (disk full, I/O error): enqueue()
+        # refuses at once, /readyz says so, and _repair_worker tries again until one succeeds.
+        self.write_error: str | None = None
+        self._repairer: asyncio.Task[None] | None = None
+        # Ids flushed to the store whose rows could not be deleted yet (the same failures).
+        self._undeleted: list[int] = []
+        self._lock_fd: int | None = None
         self.last_id = 0
         self.commits = 0
         self.recovered_rows = 0
@@ -89,7 +112,12 @@ class WriteAheadQueue:
     async def open(self) -> None:
         """Open (or create) the file and replay what a previous run left unflushed."""
         loop = asyncio.get_running_loop()
-        rows, last_id = await loop.run_in_executor(self._executor, self._open_sync)
+        try:
+            rows, last_id = await loop.run_in_executor(self._executor, self._open_sync)
+        except BaseException:
+            await loop.run_in_executor(self._executor, self._close_sync)  # and drop the lock
+            self._executor.shutdown(wait=True)
+            raise
         for comment_id, post_id, payload in rows:
             self._remember(comment_id, post_id, payload)
         self.last_id = max(last_id, max(self._pending, default=0))
@@ -105,6 +133,10 @@ class WriteAheadQueue:
         if self._writer is not None:
             await self._writer
             self._writer = None
+        if self._repairer is not None:
+            self._repairer.cancel()
+            await asyncio.gather(self._repairer, return_exceptions=True)
+            self._repairer = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close_sync)
         self._executor.shutdown(wait=True)
@@ -116,6 +148,8 @@ class WriteAheadQueue:
         reuse it instead of encoding again). Raise `QueueFull` or `QueueWriteFailed` if not."""
         if self._closing:
             raise QueueWriteFailed("the queue is closing")
+        if self.write_error is not None:
+            raise QueueWriteFailed(self.write_error)
         payload = comment.encode()
         if self._pending_bytes + self._waiting_bytes + len(payload) > self._max_bytes:
             self.refusing = True
@@ -141,10 +175,10 @@ class WriteAheadQueue:
                 try:
                     await loop.run_in_executor(self._executor, self._commit_sync, rows)
                 except Exception as e:  # disk full, I/O error: refuse these, keep serving
-                    log.error("queue: commit of %d comments failed: %s", len(group), e)
+                    self._cannot_write(f"commit of {len(group)} comments failed", e)
                     for w in group:
                         if not w.future.done():
-                            w.future.set_exception(QueueWriteFailed(str(e)))
+                            w.future.set_exception(QueueWriteFailed(self.write_error or str(e)))
                     continue
                 self.commits += 1
                 for w in group:
@@ -207,7 +241,48 @@ class WriteAheadQueue:
             self._empty.set()
         loop = asyncio.get_running_loop()
         # If this delete is lost in a crash the rows are flushed again: inserts are idempotent.
-        await loop.run_in_executor(self._executor, self._delete_sync, ids)
+        try:
+            await loop.run_in_executor(self._executor, self._delete_sync, ids)
+        except Exception as e:
+            # The rows stay in the file; _repair_worker deletes them once it can write.
+            self._undeleted.extend(ids)
+            self._cannot_write(f"delete of {len(ids)} flushed comments failed", e)
+
+    # -- when the disk is full -----------------------------------------------------------------
+
+    def _cannot_write(self, what: str, error: Exception) -> None:
+        """A write failed: refuse new comments with the real cause until one succeeds again."""
+        cause = f"{type(error).__name__}: {error}"
+        if self.write_error is None:
+            log.error(
+                "queue: %s: %s; refusing comments until %s can be written", what, cause, self._dir
+            )
+        self.write_error = f"{what}: {error}"
+        if self._repairer is None and not self._closing:
+            self._repairer = asyncio.create_task(self._repair_worker(), name="wal-repair-worker")
+
+    async def _repair_worker(self) -> None:
+        """Every REPAIR_INTERVAL, try to make room and write: checkpoint and truncate the WAL,
+        delete the rows already flushed, then one small commit. The first success ends it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REPAIR_INTERVAL)
+            undeleted = self._undeleted
+            try:
+                if self._pending or self._waiting:
+                    await loop.run_in_executor(self._executor, self._repair_sync, undeleted)
+                else:
+                    # Everything in the file is in the store: the file itself may be what filled
+                    # the disk, and a new one is all we need.
+                    await loop.run_in_executor(self._executor, self._reset_sync, self.last_id)
+            except Exception as e:
+                self.write_error = f"still cannot write: {e}"
+                continue
+            del self._undeleted[: len(undeleted)]
+            log.info("queue: %s can be written again; taking comments", self._dir)
+            self.write_error = None
+            self._repairer = None
+            return
 
     def _forget_ids(self, post_id: str, gone: set[int]) -> None:
         ids_of_post = self._by_post[post_id]
@@ -238,15 +313,21 @@ class WriteAheadQueue:
     # -- on the queue's own thread -------------------------------------------------------------
 
     def _open_sync(self) -> tuple[list[tuple[int, str, bytes]], int]:
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._check_directory()
+        self._lock_directory()
         path = self._dir / QUEUE_FILE
         salvaged: list[tuple[int, str, bytes]] = []
         db: sqlite3.Connection | None = None
         try:
             db = self._connect(path)
             problem = self._quick_check(db) or self._ensure_schema(db)
-        except sqlite3.DatabaseError as e:  # not even a database any more
-            problem = str(e)
+        except sqlite3.DatabaseError as e:
+            try:
+                problem = self._damage_or_raise(path, e)
+            except QueueUnusable:
+                if db is not None:
+                    db.close()
+                raise
         if problem is not None:
             if db is not None:
                 salvaged = self._salvage(db)
@@ -269,6 +350,52 @@ class WriteAheadQueue:
         (last_id,) = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
         return rows, int(last_id)
 
+    def _check_directory(self) -> None:
+        """A directory we cannot create or write is a set-up mistake, said as such."""
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QueueUnusable(f"queue.dir {self._dir}: cannot create it: {e.strerror}") from None
+        if not os.access(self._dir, os.W_OK | os.X_OK):
+            raise QueueUnusable(
+                f"queue.dir {self._dir}: not writable by this process (uid {os.getuid()}), "
+                "or on a read-only file system"
+            )
+
+    def _lock_directory(self) -> None:
+        """Hold an exclusive lock on queue.dir for the life of the process: two processes
+        interleaving one write-ahead queue would each replay, flush and delete the other's
+        rows. The lock file names the holder's pid for whoever is refused."""
+        path = self._dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise QueueUnusable(
+                f"queue.dir {self._dir} is in use by another livecomments process (pid "
+                f"{holder}); give each instance its own queue.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    @staticmethod
+    def _damage_or_raise(path: Path, error: sqlite3.DatabaseError) -> str:
+        """Only damage is set aside. A lock held elsewhere past LOCK_WAIT, a read-only file
+        or an I/O error stops start-up with a message instead."""
+        name = getattr(error, "sqlite_errorname", "")
+        if name in _CORRUPT:
+            return str(error)
+        if name in _BUSY:
+            raise QueueUnusable(
+                f"{path} is locked by another process ({error}) and stayed locked for "
+                f"{LOCK_WAIT:g}s; stop whatever holds it (a backup, an sqlite3 shell) and start "
+                "again"
+            ) from None
+        raise QueueUnusable(f"{path}: {error} ({name or 'no SQLite code'})") from None
+
     @staticmethod
     def _set_aside(path: Path) -> Path:
         """Keep a damaged file (and its WAL) for a human, out of the way of a fresh one."""
@@ -282,9 +409,13 @@ class WriteAheadQueue:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+        try:
+            _use_wal(db)
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     @staticmethod
@@ -298,10 +429,8 @@ class WriteAheadQueue:
 
     @staticmethod
     def _quick_check(db: sqlite3.Connection) -> str | None:
-        try:
-            result = db.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.DatabaseError as e:
-            return str(e)
+        """None if the file is sound, what is wrong if it is damaged; raises if it is busy."""
+        result = db.execute("PRAGMA quick_check").fetchall()
         if result == [("ok",)]:
             return None
         return "; ".join(str(r[0]) for r in result[:5])
@@ -339,7 +468,7 @@ class WriteAheadQueue:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def _delete_sync(self, ids: list[int]) -> None:
@@ -350,10 +479,68 @@ class WriteAheadQueue:
             db.executemany("DELETE FROM queue WHERE id = ?", [(i,) for i in ids])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
+
+    def _repair_sync(self, undeleted: list[int]) -> None:
+        """Give SQLite room, then prove a commit works (raises while it does not)."""
+        db = self._db
+        if db is None:  # a reset that could not finish; only reached with nothing pending
+            raise QueueWriteFailed("the queue file could not be recreated")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if undeleted:
+            self._delete_sync(undeleted)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE meta SET value = value WHERE key = 'last_id'")
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def _reset_sync(self, last_id: int) -> None:
+        """Replace a file whose every row is flushed with an empty one that keeps `last_id`.
+
+        Only called with nothing pending, so the rows it drops are all in the store. A crash
+        between the unlink and the first commit leaves no file: the next start creates one and
+        issues ids from the clock, as a first start does."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        path = self._dir / QUEUE_FILE
+        for name in (QUEUE_FILE + "-wal", QUEUE_FILE + "-shm", QUEUE_FILE):
+            (self._dir / name).unlink(missing_ok=True)
+        db = self._connect(path)
+        self._db = db
+        self._ensure_schema(db)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (last_id,))
+        log.warning("queue: %s was unwritable with everything flushed; started a new file", path)
 
     def _close_sync(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back if SQLite has not already: on a full disk it ends the transaction itself, and
+    a ROLLBACK then fails with "no transaction is active", hiding the real cause."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL. SQLite answers a switch that meets another connection's lock with "database
+    is locked" at once, without its busy wait: retry until LOCK_WAIT."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "") not in _BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)

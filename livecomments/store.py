@@ -216,4 +216,5 @@ class Comments:
             "flushed": self.flushed,
             "flush_errors": self.flush_errors,
             "last_error": None if self.store_ok else self.last_flush_error,
+            "queue_error": self.queue.write_error,
         }

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from livecomments import queue as queue_module
 from livecomments.comment import Comment
-from livecomments.queue import QUEUE_FILE, QueueFull, WriteAheadQueue
+from livecomments.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
+from tests.mounts import remount, tmpfs
 
 
 def comment(i: int, post: str = "p") -> Comment:
@@ -155,3 +159,52 @@ async def test_a_damaged_page_salvages_readable_rows(tmp_path: Path, caplog):
     assert 1500 < len(ids) < 2000  # all but the rows of the damaged page
     assert set(ids) <= set(range(1, 2001))
     assert ids == sorted(ids)
+
+
+# -- what is not damage: another process, a lock, a read-only directory ------------------------
+
+
+async def test_a_second_queue_on_the_same_directory_is_refused_with_the_holders_pid(
+    tmp_path: Path,
+):
+    first = await open_queue(tmp_path)
+    try:
+        with pytest.raises(QueueUnusable, match=rf"{tmp_path}.*in use.*pid {os.getpid()}"):
+            await open_queue(tmp_path)
+    finally:
+        await first.close()
+    second = await open_queue(tmp_path)  # the lock went with the first
+    await second.close()
+
+
+async def test_a_healthy_file_locked_elsewhere_is_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(queue_module, "LOCK_WAIT", 0.3)
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    await q.close()
+    other = sqlite3.connect(tmp_path / QUEUE_FILE, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # a backup tool, an sqlite3 shell
+    try:
+        with pytest.raises(QueueUnusable, match="locked by another process"):
+            await open_queue(tmp_path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not list(tmp_path.glob("*corrupt*"))
+    q = await open_queue(tmp_path)
+    assert [c.id for c in q.oldest(10)] == [1]
+    await q.close()
+
+
+async def test_a_read_only_directory_is_a_permission_message_not_damage(tmp_path: Path):
+    mount = tmp_path / "ro"
+    with tmpfs(mount, "1m"):
+        q = await open_queue(mount)
+        await q.enqueue(comment(1))
+        await q.close()
+        remount(mount, "ro")
+        with pytest.raises(QueueUnusable, match=r"read-only|not writable"):
+            await open_queue(mount)
+        assert not list(mount.glob("*corrupt*"))
