@@ -37,7 +37,7 @@ from livecomments.dedupe import RecentRequests
 from livecomments.errors import ApiError, invalid
 from livecomments.hub import Hub, TooManyPosts
 from livecomments.ids import SnowflakeGenerator, wall_clock_ms
-from livecomments.lease import InstanceIdUnavailable, InstanceLease
+from livecomments.lease import InstanceLease
 from livecomments.metrics import Metrics
 from livecomments.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
 from livecomments.ring import node_key
@@ -50,7 +50,7 @@ METRICS = web.AppKey("metrics", Metrics)
 COMMENTS = web.AppKey("comments", Comments)
 HUB = web.AppKey("hub", Hub)
 IDS = web.AppKey("ids", SnowflakeGenerator)
-INSTANCE_ID = web.AppKey("instance_id", int)
+LEASE = web.AppKey("lease", InstanceLease)
 RECENT = web.AppKey("recent", RecentRequests)
 CONNS = web.AppKey[set[Conn]]("conns")
 STATE = web.AppKey[dict[str, Any]]("state")
@@ -79,8 +79,8 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
         app[METRICS],
         max_posts=settings.limits.posts_per_instance,
     )
-    app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(comments_ctx)
+    app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(heartbeat_ctx)
     app.on_shutdown.append(close_sockets)
@@ -106,54 +106,11 @@ def make_bridge(settings: Settings, metrics: Metrics) -> Bridge:
 
 async def apply_reload(app: web.Application, settings: Settings) -> None:
     """SIGHUP: take the keys that can change at runtime (today: the Redis ring)."""
-    old = app[SETTINGS].redis.urls
-    if old and settings.redis.urls and lease_server(old) != lease_server(settings.redis.urls):
-        log.warning(
-            "reload: the instance-id lease stays on %s until this instance restarts",
-            node_key(lease_server(old)),
-        )
     await app[HUB].reconfigure(settings.redis)
     log.info("reload: applied redis.urls = %s", [node_key(u) for u in settings.redis.urls])
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
-
-
-async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Settle this instance's id; with Redis, lease it so no other live instance shares it."""
-    settings = app[SETTINGS]
-    if not settings.redis.urls:
-        app[INSTANCE_ID] = max(0, settings.server.instance_id)
-        yield
-        return
-    lease = InstanceLease(
-        lease_server(settings.redis.urls), settings.server.instance_id, settings.redis.timeout
-    )
-    try:
-        app[INSTANCE_ID] = await lease.acquire()
-    except InstanceIdUnavailable as e:
-        if not (e.unreachable and settings.server.instance_id >= 0):
-            await lease.release()
-            raise
-        log.warning("lease: %s; starting as instance %d unchecked", e, settings.server.instance_id)
-        app[INSTANCE_ID] = lease.instance_id = settings.server.instance_id
-    except BaseException:
-        await lease.release()
-        raise
-    app[STATE]["lease"] = lease
-    renewer = asyncio.create_task(lease.renew_worker(), name="lease-renew-worker")
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        await asyncio.gather(renewer, return_exceptions=True)
-        await lease.release()
-
-
-def lease_server(urls: list[str]) -> str:
-    """Where instance ids are leased: the same server for every instance whatever the order of
-    its list (the smallest URL, without its password), as the ring ignores order too."""
-    return min(urls, key=node_key)
 
 
 async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -166,9 +123,7 @@ async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
     # If the database is down, start anyway: the queue takes comments and the flusher keeps
     # trying to open the store.
     await comments.try_open_store()
-    ids = SnowflakeGenerator(app[INSTANCE_ID])
-    ids.seed(queue.last_id)
-    app[COMMENTS], app[IDS] = comments, ids
+    app[COMMENTS] = comments
     _register_gauges(app[METRICS], comments, app)
     flusher = asyncio.create_task(_opening_flusher(comments), name="flush-worker")
     log.info(
@@ -191,6 +146,40 @@ async def comments_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(flusher, return_exceptions=True)
         await queue.close()
         await store.close()
+
+
+async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Settle this instance's id, leased in the store so no other live instance sharing it has
+    the same one (lease.py), and the id generator that embeds it."""
+    comments = app[COMMENTS]
+    ids = SnowflakeGenerator(None)
+    ids.seed(comments.queue.last_id)
+
+    async def use(instance_id: int) -> None:
+        ids.assign(instance_id)
+        await comments.queue.remember_instance_id(instance_id)
+
+    lease = InstanceLease(
+        comments.lease_store,
+        app[SETTINGS].server.instance_id,
+        comments.queue.remembered_instance_id,
+        on_claimed=use,
+    )
+    instance_id = await lease.acquire(comments.store_open)
+    try:
+        if instance_id is not None:
+            await use(instance_id)
+        app[IDS], app[LEASE] = ids, lease
+        renewer = asyncio.create_task(
+            lease.renew_worker(comments.wait_store_open), name="lease-renew-worker"
+        )
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+    finally:
+        await lease.release()
 
 
 async def _opening_flusher(comments: Comments) -> None:
@@ -337,6 +326,14 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
             "this instance's id is held by another instance; retry (on another instance)",
             {"Retry-After": "5"},
         )
+    if app[IDS].instance_id is None:
+        raise ApiError(
+            503,
+            "instance_id_pending",
+            "this instance has no comment id range yet: its database is unreachable; retry "
+            "(on another instance)",
+            {"Retry-After": "5"},
+        )
     key = (draft.uid, client_msg_id) if client_msg_id else None
     if key is not None:
         earlier = app[RECENT].claim(key, draft)
@@ -361,8 +358,7 @@ async def _create_comment(request: web.Request, fields: Mapping[str, Any]) -> we
 
 
 def _lease_conflict(app: web.Application) -> bool:
-    lease: InstanceLease | None = app[STATE].get("lease")
-    return lease is not None and lease.conflict
+    return app[LEASE].conflict
 
 
 def _created(comment_json: bytes) -> web.Response:
@@ -446,6 +442,8 @@ async def readyz(request: web.Request) -> web.Response:
         not_ready.append("queue_unwritable")
     if _lease_conflict(app):
         not_ready.append("instance_id_conflict")
+    if app[IDS].instance_id is None:
+        not_ready.append("instance_id_pending")
     degraded = store["status"] != "ok" or bridge.get("status") != "ok"
     status = "unavailable" if not_ready else ("degraded" if degraded else "ok")
     body = {

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from livecomments.app import INSTANCE_ID, apply_reload, create_app
+from livecomments.app import IDS, apply_reload, create_app
 from livecomments.config import ConfigError, Settings, load_settings
 from livecomments.store import open_store
 
@@ -144,7 +144,13 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         return 1
     host, port = _bound_address(runner)
     tune_gc()
-    log.info("listening on http://%s:%d/ (instance %d)", host, port, app[INSTANCE_ID])
+    instance = app[IDS].instance_id
+    log.info(
+        "listening on http://%s:%d/ (instance %s)",
+        host,
+        port,
+        "pending" if instance is None else instance,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,7 +30,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     # 0-1023, part of every comment id: it must differ between instances sharing a store.
-    # -1: claim a free one through Redis (lease.py); 0 when there is no Redis.
+    # -1: claim a free one, leased in the store (lease.py).
     instance_id: int = -1
     # Seconds SIGTERM waits for sockets to close and the queue to flush before exiting.
     shutdown_timeout: float = 10.0

@@ -34,16 +34,33 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class SnowflakeGenerator:
-    """Issues ids for one instance. Not thread-safe: one per event loop."""
+class InstanceIdPending(Exception):
+    """No instance id is settled yet (lease.py: the store was down at start-up)."""
 
-    def __init__(self, instance_id: int, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
-        if not 0 <= instance_id <= MAX_INSTANCE:
-            raise ValueError(f"instance_id must be 0..{MAX_INSTANCE}, got {instance_id}")
-        self._instance = instance_id
+
+class SnowflakeGenerator:
+    """Issues ids for one instance. Not thread-safe: one per event loop.
+
+    Made without an instance id, it refuses (`InstanceIdPending`) until `assign()` gives one."""
+
+    def __init__(
+        self, instance_id: int | None, clock_ms: Callable[[], int] = wall_clock_ms
+    ) -> None:
+        self._instance: int | None = None
+        if instance_id is not None:
+            self.assign(instance_id)
         self._clock_ms = clock_ms
         self._last_ms = 0
         self._sequence = 0
+
+    def assign(self, instance_id: int) -> None:
+        if not 0 <= instance_id <= MAX_INSTANCE:
+            raise ValueError(f"instance_id must be 0..{MAX_INSTANCE}, got {instance_id}")
+        self._instance = instance_id
+
+    @property
+    def instance_id(self) -> int | None:
+        return self._instance
 
     def seed(self, last_id: int) -> None:
         """Never issue an id at or below `last_id`'s millisecond (survives restarts)."""
@@ -51,6 +68,8 @@ class SnowflakeGenerator:
         self._sequence = _SEQUENCE_MASK  # the next id moves to a fresh millisecond
 
     def next_id(self) -> int:
+        if self._instance is None:
+            raise InstanceIdPending("no instance id is claimed yet")
         now = self._clock_ms() - EPOCH_MS
         if now > self._last_ms:
             self._last_ms = now

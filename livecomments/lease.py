@@ -1,24 +1,28 @@
-"""Instance-id leases: two live instances never issue ids with the same `server.instance_id`.
+"""Instance-id leases: two live instances sharing a store never issue ids with the same
+`server.instance_id`.
 
-Comment ids embed the instance id (ids.py), and the store drops an insert whose id it already has,
-so two instances sharing an instance id would make comments silently disappear. With Redis on,
-each instance holds a lease on its id in one server of `redis.urls` (the smallest URL, so the
-same one whatever the list's order: app.lease_server)
-(`livecomments:instance:<id>`, a random token, a TTL of `LEASE_TTL` seconds renewed every third of
-it):
+Comment ids embed the instance id (ids.py), and the store keeps one comment per id, so two
+instances sharing an instance id would mint the same ids and the store could keep only one of
+each pair. The lease lives where the collision would happen: in the store itself (a row of
+`instance_leases` per id: a random holder token and an expiry, `LEASE_TTL` seconds ahead,
+renewed every third of it), so it holds whatever else is configured, Redis or not, one host
+sharing a SQLite file or many sharing PostgreSQL. The expiry is on the store's clock
+(PostgreSQL's; for SQLite, the one host's).
 
-* `server.instance_id = -1` (the default) claims the first free id from a random starting point,
-  so identical config files on every host just work.
+* `server.instance_id = -1` (the default) claims a free id: the one this queue directory used
+  last if it is free, else a never-used one from a random starting point, else the one that
+  lapsed longest ago. Identical config files on every host just work.
 * An explicit id that another live instance holds stops start-up with an error naming it.
-* An explicit id starts even while that Redis server is down (the lease is a guard, and renewal
-  keeps trying); `-1` cannot pick an id without it, so start-up stops with an error.
-* If the lease cannot be renewed (Redis down), the instance keeps its id and keeps trying. If it
-  lapsed meanwhile (a long outage, Redis restarted empty) and a newcomer took the id, the
-  instance refuses new comments (503 `instance_id_conflict`, /readyz not ready) until the id is
-  free again, rather than mint ids that may collide. The TTL is long and a newcomer starts from
-  a random point, so this is rare.
-
-Without Redis there is one instance, and `-1` means 0.
+* If the store is down at start-up, an explicit id, or for `-1` the id this queue directory used
+  last (the queue remembers it), starts unchecked with a warning, and the renewal claims it as
+  soon as the store answers. `-1` with no id remembered starts without an id: it serves readers
+  and refuses new comments (503 `instance_id_pending`, /readyz not ready) until the store
+  answers and a free id is claimed.
+* If the lease cannot be renewed (store down), the instance keeps its id and keeps trying. If it
+  lapsed meanwhile and another instance took the id, the instance refuses new comments
+  (503 `instance_id_conflict`, /readyz not ready) until the id is free again, rather than mint
+  ids that may collide. Comments minted in such a window that do collide are caught when stored
+  (store.Comments counts them, logs each whole, and /readyz says so).
 """
 
 from __future__ import annotations
@@ -27,103 +31,148 @@ import asyncio
 import logging
 import random
 import secrets
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from livecomments.ids import MAX_INSTANCE
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL = 60.0  # seconds
-KEY = "livecomments:instance:{}"
-# Renew only if the lease is still ours: a lapsed lease taken by someone else is not stolen back.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+ALL_IDS = range(MAX_INSTANCE + 1)
+
+
+class LeaseStore(Protocol):
+    """The store's lease table (both stores implement it)."""
+
+    async def read_leases(self) -> tuple[int, dict[int, int]]:
+        """The store's clock (Unix ms) and every lease row: instance id -> expiry (Unix ms)."""
+
+    async def take_lease(self, instance_id: int, holder: str, ttl_ms: int) -> bool:
+        """Atomically take or extend the lease on `instance_id` if it is free, lapsed or already
+        `holder`'s; False if another holder's lease is live."""
+
+    async def release_lease(self, instance_id: int, holder: str) -> None:
+        """Drop the lease if it is still `holder`'s."""
 
 
 class InstanceIdUnavailable(Exception):
     """The requested instance id is held by another live instance, or none could be claimed."""
 
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.unreachable = unreachable
-
 
 class InstanceLease:
-    def __init__(self, url: str, requested: int, timeout: float) -> None:
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+    def __init__(
+        self,
+        store: LeaseStore,
+        requested: int,
+        remembered: int | None,
+        on_claimed: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._on_claimed = on_claimed
         self._requested = requested
-        self._token = secrets.token_hex(8)
+        self._remembered = remembered
+        self._holder = secrets.token_hex(8)
+        self._ttl_ms = int(LEASE_TTL * 1000)
         self.instance_id: int | None = None
+        # Claimed in the store, or started unchecked (store down) and not yet confirmed.
+        self.confirmed = False
         # Another live instance holds our id: new ids could collide with its ones.
         self.conflict = False
 
-    async def acquire(self) -> int:
-        """Claim the requested id (or, for -1, any free one); raise if that cannot be done."""
-        ttl_ms = int(LEASE_TTL * 1000)
-        try:
-            if self._requested >= 0:
-                candidates = [self._requested]
-            else:
-                start = random.randrange(MAX_INSTANCE + 1)
-                candidates = [(start + i) % (MAX_INSTANCE + 1) for i in range(MAX_INSTANCE + 1)]
-            for candidate in candidates:
-                if await self._client.set(KEY.format(candidate), self._token, nx=True, px=ttl_ms):
-                    self.instance_id = candidate
-                    return candidate
-        except (RedisError, OSError) as e:
-            raise InstanceIdUnavailable(
-                f"cannot reach Redis to claim an instance id: {e}", unreachable=True
-            ) from e
-        if self._requested >= 0:
-            raise InstanceIdUnavailable(
-                f"server.instance_id {self._requested} is in use by another running instance; "
-                "give each instance its own id, or -1 to pick a free one"
-            )
-        raise InstanceIdUnavailable("all 1024 instance ids are in use")
+    async def acquire(self, store_open: bool) -> int | None:
+        """Claim the requested id (or, for -1, a free one); raise if that cannot be done. None:
+        the store is down and no id is known; renew_worker claims one once it answers."""
+        if not store_open:
+            return self._start_unchecked()
+        return await self._claim()
 
-    async def renew_worker(self) -> None:
-        """Renew every third of the TTL until cancelled; failures are logged and retried."""
+    async def _claim(self) -> int:
+        if self._requested >= 0:
+            if not await self._store.take_lease(self._requested, self._holder, self._ttl_ms):
+                raise InstanceIdUnavailable(
+                    f"server.instance_id {self._requested} is in use by another running "
+                    "instance; give each instance its own id, or -1 to pick a free one"
+                )
+            return self._claimed(self._requested)
+        now, leases = await self._store.read_leases()
+        for candidate in self._candidates(now, leases):
+            if await self._store.take_lease(candidate, self._holder, self._ttl_ms):
+                return self._claimed(candidate)
+        raise InstanceIdUnavailable(f"all {len(ALL_IDS)} instance ids are in use")
+
+    def _candidates(self, now: int, leases: dict[int, int]) -> list[int]:
+        """Free ids in the order we prefer them: ours from last time, never used (from a random
+        point, so instances starting together rarely race for one), lapsed longest ago."""
+        start = random.randrange(len(ALL_IDS))
+        never_used = [i for i in (*ALL_IDS[start:], *ALL_IDS[:start]) if i not in leases]
+        lapsed = sorted((i for i, expiry in leases.items() if expiry < now), key=leases.__getitem__)
+        ours = [self._remembered] if self._remembered is not None else []
+        return list(dict.fromkeys(ours + never_used + lapsed))
+
+    def _start_unchecked(self) -> int | None:
+        chosen = self._requested if self._requested >= 0 else self._remembered
+        if chosen is None:
+            log.warning(
+                "lease: the store is unreachable, so no free instance id can be claimed yet; "
+                "refusing new comments until it answers (or set server.instance_id)"
+            )
+            return None
+        log.warning(
+            "lease: the store is unreachable; starting as instance %d unchecked, claiming it "
+            "as soon as the store answers",
+            chosen,
+        )
+        self.instance_id = chosen
+        return chosen
+
+    def _claimed(self, instance_id: int) -> int:
+        self.instance_id = instance_id
+        self.confirmed = True
+        return instance_id
+
+    async def renew_worker(self, store_ready: Callable[[], Awaitable[object]]) -> None:
+        """Renew every third of the TTL until cancelled (after the store first opened);
+        failures are logged and retried."""
+        await store_ready()
         while True:
-            await asyncio.sleep(LEASE_TTL / 3)
-            await self.renew()
+            if self.instance_id is None:
+                await self._claim_late()
+            else:
+                await self.renew()
+            await asyncio.sleep(LEASE_TTL / 3 if self.instance_id is not None else 1.0)
+
+    async def _claim_late(self) -> None:
+        """Started without an id (store down): claim one now that the store answers."""
+        try:
+            instance_id = await self._claim()
+        except Exception as e:  # all taken, or the store went away again: keep trying
+            log.warning("lease: cannot claim an instance id yet: %s", e)
+            return
+        log.info("lease: claimed instance id %d; taking comments", instance_id)
+        if self._on_claimed is not None:
+            await self._on_claimed(instance_id)
 
     async def renew(self) -> None:
-        """One renewal. If the lease lapsed and another instance now holds the id, `conflict`
-        is set (the app refuses new comments rather than mint ids that may collide) until the
-        id is ours again."""
+        """One renewal. If another instance now holds the id, `conflict` is set (the app
+        refuses new comments rather than mint ids that may collide) until it is ours again."""
         assert self.instance_id is not None
-        key = KEY.format(self.instance_id)
-        ttl_ms = int(LEASE_TTL * 1000)
         try:
-            if await self._client.eval(_RENEW, 1, key, self._token, ttl_ms):
-                self._set_conflict(False)
-                return
-            # Lapsed (Redis restarted empty, or a long outage): take it again if it is free.
-            again = await self._client.set(key, self._token, nx=True, px=ttl_ms)
-            self._set_conflict(not again)
-        except (RedisError, OSError) as e:
+            ours = await self._store.take_lease(self.instance_id, self._holder, self._ttl_ms)
+        except Exception as e:  # the store is down: keep the id, keep trying
             log.warning("lease: cannot renew instance id %d: %s", self.instance_id, e)
+            return
+        if ours and not self.confirmed:
+            log.info("lease: instance id %d claimed in the store", self.instance_id)
+        self.confirmed = self.confirmed or ours
+        self._set_conflict(not ours)
 
     def _set_conflict(self, conflict: bool) -> None:
         if conflict != self.conflict:
             if conflict:
                 log.error(
-                    "lease: instance id %d lapsed and is held by another instance; refusing "
-                    "new comments until it is free again",
+                    "lease: instance id %d is held by another instance; refusing new comments "
+                    "until it is free again",
                     self.instance_id,
                 )
             else:
@@ -131,10 +180,9 @@ class InstanceLease:
         self.conflict = conflict
 
     async def release(self) -> None:
+        if self.instance_id is None or not self.confirmed:
+            return
         try:
-            if self.instance_id is not None:
-                await self._client.eval(_RELEASE, 1, KEY.format(self.instance_id), self._token)
-        except (RedisError, OSError) as e:
-            log.warning("lease: could not release instance id %s: %s", self.instance_id, e)
-        finally:
-            await self._client.aclose()
+            await self._store.release_lease(self.instance_id, self._holder)
+        except Exception as e:
+            log.warning("lease: could not release instance id %d: %s", self.instance_id, e)

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from livecomments.comment import Comment
-from livecomments.store import COLUMNS, PageQuery, page_sql
+from livecomments.store import COLUMNS, PageQuery, different_from_stored, page_sql
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,24 @@ MIGRATIONS: list[str] = [
         CONSTRAINT comments_pkey PRIMARY KEY (post_id, id)
     );
     """,
+    """
+    CREATE TABLE IF NOT EXISTS instance_leases (
+        instance_id integer PRIMARY KEY,
+        holder text NOT NULL,
+        expires_at bigint NOT NULL
+    );
+    """,
 ]
+
+# The database's clock in Unix ms: every instance sharing the database reads the same one.
+NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+TAKE_LEASE_SQL = f"""
+    INSERT INTO instance_leases (instance_id, holder, expires_at) VALUES ($1, $2, {NOW_MS} + $3)
+    ON CONFLICT (instance_id) DO UPDATE
+    SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+    WHERE instance_leases.expires_at < {NOW_MS} OR instance_leases.holder = EXCLUDED.holder
+    RETURNING instance_id
+"""
 
 
 INSERT_SQL = f"""
@@ -88,6 +105,11 @@ INSERT_SQL = f"""
         $1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[]
     )
     ON CONFLICT (post_id, id) DO NOTHING
+    RETURNING id
+"""
+STORED_SQL = f"""
+    SELECT {COLUMNS} FROM comments
+    WHERE (post_id, id) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
 """
 
 # "This connection is gone", not "this statement failed": asyncpg raises it when the server closed
@@ -152,11 +174,44 @@ class PostgresStore:
             log.warning("postgres: pool did not close in time; connections terminated")
             pool.terminate()
 
-    async def insert_many(self, comments: list[Comment]) -> None:
+    async def insert_many(self, comments: list[Comment]) -> list[Comment]:
         if not comments:
-            return
+            return []
         columns = _columns(comments)
-        await self._run(lambda con: con.execute(INSERT_SQL, *columns))
+        rows: list[Any] = await self._run(lambda con: con.fetch(INSERT_SQL, *columns))
+        if len(rows) == len(comments):
+            return []
+        # Replays (harmless), or ids another comment of the same post already has.
+        keys = ([c.post_id for c in comments], [c.id for c in comments])
+        stored: list[Any] = await self._run(lambda con: con.fetch(STORED_SQL, *keys))
+        return different_from_stored(comments, [Comment(*row) for row in stored])
+
+    # -- instance-id leases (lease.LeaseStore), on the database's clock -----------------------
+
+    async def read_leases(self) -> tuple[int, dict[int, int]]:
+        sql = f"SELECT {NOW_MS} AS now, instance_id, expires_at FROM instance_leases"
+        rows: list[Any] = await self._run(lambda con: con.fetch(sql))
+        now = (
+            rows[0]["now"]
+            if rows
+            else await self._run(lambda con: con.fetchval(f"SELECT {NOW_MS}"))
+        )
+        return int(now), {int(r["instance_id"]): int(r["expires_at"]) for r in rows}
+
+    async def take_lease(self, instance_id: int, holder: str, ttl_ms: int) -> bool:
+        taken = await self._run(
+            lambda con: con.fetchval(TAKE_LEASE_SQL, instance_id, holder, ttl_ms)
+        )
+        return taken is not None
+
+    async def release_lease(self, instance_id: int, holder: str) -> None:
+        await self._run(
+            lambda con: con.execute(
+                "DELETE FROM instance_leases WHERE instance_id = $1 AND holder = $2",
+                instance_id,
+                holder,
+            )
+        )
 
     async def page(self, query: PageQuery) -> list[Comment]:
         sql, args = page_sql(query, COLUMNS, sql_param)

@@ -103,6 +103,7 @@ class WriteAheadQueue:
         # Ids flushed to the store whose rows could not be deleted yet (the same failures).
         self._undeleted: list[int] = []
         self._lock_fd: int | None = None
+        self.remembered_instance_id: int | None = None
         self.last_id = 0
         self.commits = 0
         self.recovered_rows = 0
@@ -348,7 +349,24 @@ class WriteAheadQueue:
             self._commit_sync(salvaged)
         rows = db.execute("SELECT id, post_id, payload FROM queue ORDER BY id").fetchall()
         (last_id,) = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
+        row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+        self.remembered_instance_id = None if row is None else int(row[0])
         return rows, int(last_id)
+
+    async def remember_instance_id(self, instance_id: int) -> None:
+        """Keep the instance id this queue's comments were issued under, for the next start:
+        lease.py claims it again first, and may start with it while the store is down."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._remember_instance_id_sync, instance_id)
+
+    def _remember_instance_id_sync(self, instance_id: int) -> None:
+        db = self._db
+        assert db is not None
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('instance_id', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (instance_id,),
+        )
 
     def _check_directory(self) -> None:
         """A directory we cannot create or write is a set-up mistake, said as such."""

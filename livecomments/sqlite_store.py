@@ -16,7 +16,8 @@ from pathlib import Path
 import aiosqlite
 
 from livecomments.comment import Comment
-from livecomments.store import COLUMNS, PageQuery, page_sql
+from livecomments.ids import wall_clock_ms
+from livecomments.store import COLUMNS, PageQuery, different_from_stored, page_sql
 
 # Seconds to wait for another connection that holds the file's locks.
 BUSY_TIMEOUT = 5.0
@@ -35,7 +36,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS comments_post_id_id ON comments (post_id, id);
     """,
+    """
+    CREATE TABLE IF NOT EXISTS instance_leases (
+        instance_id INTEGER PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    """,
 ]
+
+# Take a lease that is free, lapsed (expires_at before ?4) or already ours; leave it otherwise.
+TAKE_LEASE_SQL = """
+    INSERT INTO instance_leases (instance_id, holder, expires_at) VALUES (?1, ?2, ?3)
+    ON CONFLICT (instance_id) DO UPDATE
+    SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE instance_leases.expires_at < ?4 OR instance_leases.holder = excluded.holder
+"""
+# Ids per SELECT ... IN (...) when comparing a batch with what is stored (SQLite's limit is 32766).
+IN_CHUNK = 500
 
 
 def sql_param(_: int) -> str:
@@ -55,6 +73,9 @@ class SQLiteStore:
         self._path = sqlite_path(url)
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # The writer connection is shared by the flusher and the instance lease: one write
+        # transaction at a time, or a lease statement would land inside a batch's transaction.
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +103,7 @@ class SQLiteStore:
                 await db.close()
         self._reader = self._writer = None
 
-    async def insert_many(self, comments: list[Comment]) -> None:
+    async def insert_many(self, comments: list[Comment]) -> list[Comment]:
         db = self._writer
         if db is None:
             raise RuntimeError("store is closed")
@@ -90,15 +111,63 @@ class SQLiteStore:
             (c.id, c.post_id, c.uid, c.message, c.parent_id, c.reply_to, c.created_at)
             for c in comments
         ]
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            await db.executemany(
-                f"INSERT OR IGNORE INTO comments ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+        async with self._write_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = await db.executemany(
+                    f"INSERT OR IGNORE INTO comments ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                # Fewer rows than comments: replays (harmless) or ids another comment has.
+                collisions = []
+                if cursor.rowcount < len(rows):
+                    collisions = different_from_stored(comments, await self._stored(db, comments))
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return collisions
+
+    @staticmethod
+    async def _stored(db: aiosqlite.Connection, comments: list[Comment]) -> list[Comment]:
+        ids = [c.id for c in comments]
+        stored: list[Comment] = []
+        for i in range(0, len(ids), IN_CHUNK):
+            chunk = ids[i : i + IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {COLUMNS} FROM comments WHERE id IN ({marks})"
+            async with db.execute(sql, chunk) as cursor:
+                stored.extend(Comment(*row) for row in await cursor.fetchall())
+        return stored
+
+    # -- instance-id leases (lease.LeaseStore): instances on one host share this file ----------
+
+    async def read_leases(self) -> tuple[int, dict[int, int]]:
+        db = self._reader
+        if db is None:
+            raise RuntimeError("store is closed")
+        async with db.execute("SELECT instance_id, expires_at FROM instance_leases") as cursor:
+            rows = await cursor.fetchall()
+        return wall_clock_ms(), {int(r[0]): int(r[1]) for r in rows}
+
+    async def take_lease(self, instance_id: int, holder: str, ttl_ms: int) -> bool:
+        db = self._writer
+        if db is None:
+            raise RuntimeError("store is closed")
+        now = wall_clock_ms()  # one host, one clock: every instance sharing this file
+        async with self._write_lock:
+            cursor = await db.execute(TAKE_LEASE_SQL, (instance_id, holder, now + ttl_ms, now))
+            return cursor.rowcount == 1
+
+    async def release_lease(self, instance_id: int, holder: str) -> None:
+        db = self._writer
+        if db is None:
+            return
+        async with self._write_lock:
+            await db.execute(
+                "DELETE FROM instance_leases WHERE instance_id = ? AND holder = ?",
+                (instance_id, holder),
             )
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
 
     async def page(self, query: PageQuery) -> list[Comment]:
         db = self._reader

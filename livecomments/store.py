@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from livecomments.comment import Comment
+from livecomments.lease import LeaseStore
 from livecomments.queue import WriteAheadQueue
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class CommentStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def insert_many(self, comments: list[Comment]) -> None:
-        """Store all of `comments` in one transaction; ids already stored are left as they are."""
+    async def insert_many(self, comments: list[Comment]) -> list[Comment]:
+        """Store all of `comments` in one transaction; ids already stored are left as they are.
+
+        Returns the comments whose id was already stored with other content (an id collision:
+        two instances minted one id); a replay of the same comment is not one."""
 
     async def page(self, query: PageQuery) -> list[Comment]:
         """Up to `query.limit + 1` comments of the page's window, ascending by id.
@@ -65,7 +69,11 @@ class CommentStore(Protocol):
         """
 
 
-def open_store(url: str) -> CommentStore:
+class LeasingStore(CommentStore, LeaseStore, Protocol):
+    """A store that also holds the instance-id leases (both backends are)."""
+
+
+def open_store(url: str) -> LeasingStore:
     if url.startswith("sqlite://"):
         # Imported here: the backends import PageQuery from this module.
         from livecomments.sqlite_store import SQLiteStore  # noqa: PLC0415
@@ -86,6 +94,12 @@ def window(comments: list[Comment], query: PageQuery) -> tuple[list[Comment], bo
     if query.after is not None:
         return comments[: query.limit], True
     return comments[-query.limit :], True
+
+
+def different_from_stored(batch: list[Comment], stored: list[Comment]) -> list[Comment]:
+    """The comments of `batch` whose id is stored with other content (collisions)."""
+    by_id = {c.id: c for c in stored}
+    return [c for c in batch if c.id in by_id and by_id[c.id] != c]
 
 
 # The comments table's columns, in the order of Comment's fields (both backends).
@@ -116,7 +130,7 @@ class Comments:
     def __init__(
         self,
         queue: WriteAheadQueue,
-        store: CommentStore,
+        store: LeasingStore,
         flush_batch: int,
         retry_max: float,
     ) -> None:
@@ -126,9 +140,15 @@ class Comments:
         self._retry_max = retry_max
         self.store_ok = True
         self.store_open = False
+        self._opened = asyncio.Event()
         self.flushed = 0
         self.flush_errors = 0
+        self.id_collisions = 0
         self.last_flush_error: str | None = None
+
+    @property
+    def lease_store(self) -> LeaseStore:
+        return self.store
 
     async def try_open_store(self) -> bool:
         """One attempt to connect and migrate; False (logged) if the database is not there."""
@@ -139,8 +159,13 @@ class Comments:
             self._mark_store(False, e)
             return False
         self.store_open = True
+        self._opened.set()
         self._mark_store(True)
         return True
+
+    async def wait_store_open(self) -> None:
+        """Return once the store has opened (at start-up, or later by the flusher's retries)."""
+        await self._opened.wait()
 
     async def open_store_until_ready(self) -> None:
         """Retry `try_open_store` with capped, jittered backoff until it succeeds."""
@@ -176,7 +201,7 @@ class Comments:
             await self.queue.wait_pending()
             batch = self.queue.oldest(self._flush_batch)
             try:
-                await self.store.insert_many(batch)
+                collisions = await self.store.insert_many(batch)
             except Exception as e:  # CancelledError is not an Exception: it still stops us
                 self.flush_errors += 1
                 self._mark_store(False, e)
@@ -184,6 +209,8 @@ class Comments:
                 continue
             delay = 0.0
             self._mark_store(True)
+            if collisions:
+                self._report_collisions(collisions)
             self.flushed += len(batch)
             try:
                 await self.queue.ack(batch)
@@ -191,6 +218,18 @@ class Comments:
                 # Memory has let them go; the rows stay in the queue file and are flushed
                 # again after a restart, which the store's idempotent insert makes harmless.
                 log.exception("queue: could not delete %d flushed comments", len(batch))
+
+    def _report_collisions(self, collisions: list[Comment]) -> None:
+        """Acknowledged comments the store could not keep: their id was already another
+        comment's (two instances minted one id). Never silent: counted, shown in /readyz, and
+        each logged whole, so a human can restore it."""
+        self.id_collisions += len(collisions)
+        for c in collisions:
+            log.error(
+                "store: comment id %d is already another comment's; not stored: %s",
+                c.id,
+                c.encode().decode(),
+            )
 
     async def _backoff(self, delay: float) -> float:
         """Sleep a jittered, doubling delay capped at retry_max; return the new delay."""
@@ -209,7 +248,8 @@ class Comments:
 
     def status(self) -> dict[str, object]:
         return {
-            "status": "ok" if self.store_ok else "degraded",
+            "status": "ok" if self.store_ok and not self.id_collisions else "degraded",
+            "id_collisions": self.id_collisions,
             "queue_depth": self.queue.depth,
             "queue_bytes": self.queue.pending_bytes,
             "oldest_unflushed_age_s": round(self.queue.oldest_age_seconds(), 3),

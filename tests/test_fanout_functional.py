@@ -162,6 +162,8 @@ async def test_shutdown_timeout_bounds_the_whole_stop(start_server, http):
     env = {
         "LIVECOMMENTS_SERVER_SHUTDOWN_TIMEOUT": str(timeout),
         "LIVECOMMENTS_STORE_URL": "postgresql://nobody@127.0.0.1:1/none",  # refused at once
+        # An explicit id: with -1, a first start without its store takes no comments.
+        "LIVECOMMENTS_SERVER_INSTANCE_ID": "1",
     }
     server = start_server(env=env)
     body = {"post_id": "p", "uid": "u", "message": "stays queued"}

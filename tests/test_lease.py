@@ -1,98 +1,147 @@
-"""Instance-id leases against a private redis-server: no two live instances share an id."""
+"""Instance-id leases held in the store, on SQLite and PostgreSQL: no two live instances sharing
+a store share an id, with Redis or without it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from livecomments.app import STATE, create_app
+from livecomments import lease as lease_module
+from livecomments.app import LEASE, create_app
 from livecomments.config import load_settings
-from livecomments.lease import KEY, InstanceIdUnavailable, InstanceLease
-from tests.redis_servers import RedisServer, redis_servers
-from tests.server import ServerProcess, free_port
+from livecomments.lease import InstanceIdUnavailable, InstanceLease
+from livecomments.store import LeasingStore, open_store
+from tests.pg_cluster import PgCluster, pg_cluster, pg_url
+from tests.server import free_port
+
+__all__ = ["pg_cluster", "pg_url"]  # fixtures, imported for pytest
 
 
-@pytest.fixture
-def redis_node(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_servers(tmp_path) as servers:
-        yield servers.start(1)[0]
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LeasingStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/c.db"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = open_store(url)
+    await s.open()
+    yield s
+    await s.close()
 
 
-async def test_auto_leases_pick_distinct_ids(redis_node: RedisServer):
-    leases = [InstanceLease(redis_node.url, -1, timeout=2) for _ in range(5)]
-    try:
-        ids = [await lease.acquire() for lease in leases]
-        assert len(set(ids)) == 5
-        assert all(0 <= i <= 1023 for i in ids)
-    finally:
-        for lease in leases:
-            await lease.release()
-    assert redis_node.command("DBSIZE") == 0  # released leases are gone
+async def test_auto_leases_pick_distinct_ids(store: LeasingStore):
+    leases = [InstanceLease(store, -1, remembered=None) for _ in range(5)]
+    ids = [await lease.acquire(store_open=True) for lease in leases]
+    assert len(set(ids)) == 5 and all(0 <= i <= 1023 for i in ids)
+    for lease in leases:
+        await lease.release()
+    _, rows = await store.read_leases()
+    assert rows == {}  # released leases are gone
 
 
-async def test_an_explicit_id_held_by_a_live_instance_is_refused(redis_node: RedisServer):
-    first = InstanceLease(redis_node.url, 7, timeout=2)
-    second = InstanceLease(redis_node.url, 7, timeout=2)
-    try:
-        assert await first.acquire() == 7
-        with pytest.raises(InstanceIdUnavailable, match=r"server\.instance_id 7 is in use"):
-            await second.acquire()
-        ttl = redis_node.command("PTTL", KEY.format(7))
-        assert 0 < ttl <= 60_000
-    finally:
-        await second.release()
-        await first.release()
-    third = InstanceLease(redis_node.url, 7, timeout=2)
-    assert await third.acquire() == 7  # free again once released
+async def test_an_explicit_id_held_by_a_live_instance_is_refused(store: LeasingStore):
+    first = InstanceLease(store, 7, remembered=None)
+    second = InstanceLease(store, 7, remembered=None)
+    assert await first.acquire(store_open=True) == 7
+    with pytest.raises(InstanceIdUnavailable, match=r"server\.instance_id 7 is in use"):
+        await second.acquire(store_open=True)
+    now, rows = await store.read_leases()
+    assert 0 < rows[7] - now <= 60_000
+    await second.release()  # not its lease: must not drop the first's
+    assert 7 in (await store.read_leases())[1]
+    await first.release()
+    third = InstanceLease(store, 7, remembered=None)
+    assert await third.acquire(store_open=True) == 7  # free again once released
     await third.release()
 
 
-async def test_unreachable_redis_is_a_clear_error(redis_node: RedisServer):
-    redis_node.kill()
-    lease = InstanceLease(redis_node.url, -1, timeout=0.5)
-    with pytest.raises(InstanceIdUnavailable, match="cannot reach Redis"):
-        await lease.acquire()
+async def test_the_id_remembered_from_last_time_comes_first(store: LeasingStore):
+    lease = InstanceLease(store, -1, remembered=612)
+    assert await lease.acquire(store_open=True) == 612
     await lease.release()
 
 
-def test_server_with_auto_id_refuses_to_start_without_redis(tmp_path: Path):
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    server = ServerProcess(tmp_path, env={"LIVECOMMENTS_REDIS_URLS": dead})
-    with pytest.raises(RuntimeError, match="exited with 1"):
-        server.start(timeout=20)
-    assert "cannot reach Redis to claim an instance id" in server.logs()
-
-
-def test_server_with_explicit_id_starts_while_redis_is_down(start_server):
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    env = {"LIVECOMMENTS_REDIS_URLS": dead, "LIVECOMMENTS_SERVER_INSTANCE_ID": "5"}
-    server = start_server(env=env)
-    assert "starting as instance 5 unchecked" in server.logs()
-
-
-def test_two_servers_cannot_share_an_explicit_id(start_server, redis_node: RedisServer):
-    env = {"LIVECOMMENTS_REDIS_URLS": redis_node.url, "LIVECOMMENTS_SERVER_INSTANCE_ID": "9"}
-    start_server(name="first", env=env)
-    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*instance_id 9 is in use"):
-        start_server(name="second", env=env)
-
-
-async def test_a_lapsed_lease_taken_by_another_instance_is_a_conflict(redis_node: RedisServer):
-    mine = InstanceLease(redis_node.url, 3, timeout=2)
-    assert await mine.acquire() == 3
-    redis_node.command("DEL", KEY.format(3))  # Redis restarted empty, say
-    newcomer = InstanceLease(redis_node.url, 3, timeout=2)
-    assert await newcomer.acquire() == 3
+async def test_a_lapsed_lease_taken_by_another_instance_is_a_conflict(
+    store: LeasingStore, monkeypatch: pytest.MonkeyPatch
+):
+    mine = InstanceLease(store, 3, remembered=None)
+    assert await mine.acquire(store_open=True) == 3
+    monkeypatch.setattr(mine, "_ttl_ms", -1)
+    await mine.renew()  # an instance cut off from the store: its lease runs out
+    newcomer = InstanceLease(store, 3, remembered=None)
+    assert await newcomer.acquire(store_open=True) == 3
+    monkeypatch.setattr(mine, "_ttl_ms", 60_000)
     await mine.renew()
     assert mine.conflict, "kept minting ids another live instance mints too"
     await newcomer.release()
     await mine.renew()
     assert not mine.conflict  # free again: re-claimed
-    assert redis_node.command("EXISTS", KEY.format(3)) == 1
     await mine.release()
+
+
+async def test_with_the_store_down_only_a_known_id_starts(store: LeasingStore):
+    assert await InstanceLease(store, -1, remembered=None).acquire(store_open=False) is None
+    remembered = InstanceLease(store, -1, remembered=41)
+    assert await remembered.acquire(store_open=False) == 41
+    assert not remembered.confirmed
+    await remembered.renew()  # the store answers again: the id is claimed
+    assert remembered.confirmed and not remembered.conflict
+    assert 41 in (await store.read_leases())[1]
+    await remembered.release()
+
+
+def test_lease_renewal_is_well_inside_its_ttl():
+    # renew_worker sleeps a third of the TTL: two renewals can fail before a lease lapses.
+    assert lease_module.LEASE_TTL >= 30
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+def test_two_servers_cannot_share_an_explicit_id(start_server, tmp_path: Path):
+    db = f"sqlite:///{tmp_path}/shared.db"
+    env = {"LIVECOMMENTS_STORE_URL": db, "LIVECOMMENTS_SERVER_INSTANCE_ID": "9"}
+    start_server(name="first", env=env)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*instance_id 9 is in use"):
+        start_server(name="second", env=env)
+
+
+@pytest.mark.fault
+async def test_a_new_server_started_while_the_store_is_down_takes_comments_once_it_answers(
+    start_server, http, pg_cluster: PgCluster, pg_url: str
+):
+    """A first start with `-1` and no store cannot know a free id: it starts anyway (readers are
+    served, the queue replays), refuses comments plainly, and claims an id when it can."""
+    pg_cluster.stop("fast")
+    try:
+        server = start_server(env={"LIVECOMMENTS_STORE_URL": pg_url})
+        body = {"post_id": "p", "uid": "u", "message": "m"}
+        async with http.post(f"{server.url}/v1/comments", json=body) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
+            assert (await r.json())["error"]["code"] == "instance_id_pending"
+        async with http.get(f"{server.url}/readyz") as r:
+            assert r.status == 503 and "instance_id_pending" in (await r.json())["not_ready"]
+    finally:
+        pg_cluster.start()
+    deadline = time.monotonic() + 30  # the flusher's backoff, then the lease's 1 s retries
+    while True:
+        async with http.post(f"{server.url}/v1/comments", json=body) as r:
+            if r.status == 201:
+                break
+            assert time.monotonic() < deadline, await r.text()
+        await asyncio.sleep(0.2)
+    assert "claimed instance id" in server.logs()
+
+
+def test_a_server_with_an_explicit_id_starts_while_the_store_is_down(start_server):
+    dead = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    env = {"LIVECOMMENTS_STORE_URL": dead, "LIVECOMMENTS_SERVER_INSTANCE_ID": "5"}
+    server = start_server(env=env)
+    assert "starting as instance 5 unchecked" in server.logs()
 
 
 async def test_an_instance_in_conflict_refuses_comments_and_is_not_ready(
@@ -108,7 +157,7 @@ async def test_an_instance_in_conflict_refuses_comments_and_is_not_ready(
     client = await aiohttp_client(create_app(settings))
     body = {"post_id": "p", "uid": "u", "message": "m"}
     assert (await client.post("/v1/comments", json=body)).status == 201
-    client.app[STATE]["lease"] = SimpleNamespace(conflict=True)  # what renew() found
+    client.app[LEASE].conflict = True  # what renew() found
     r = await client.post("/v1/comments", json=body)
     assert r.status == 503 and (await r.json())["error"]["code"] == "instance_id_conflict"
     r = await client.get("/readyz")

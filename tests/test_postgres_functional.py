@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import astuple
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
+from livecomments.comment import Comment
 from tests.conftest import StartServer
 from tests.pg_cluster import PgCluster, pg_cluster, pg_url
 from tests.server import REPO, ServerProcess, free_port
@@ -287,13 +290,16 @@ async def test_kill_during_outage_then_restart_loses_nothing(
     # A crash can also fall between a flush's commit and the queue's delete: those comments
     # are then flushed again. Do to half of them what that flush did, then let the app replay.
     pg_cluster.start()
-    replayed = dict(list(queued.items())[: len(queued) // 2])
+    # What that flush stored is the queued comment itself, every field: read it from the queue.
+    with sqlite3.connect(app.data_dir / "queue" / "queue.db") as queue_db:
+        rows = queue_db.execute("SELECT payload FROM queue ORDER BY id").fetchall()
+    replayed = [Comment.decode(payload) for (payload,) in rows[: len(queued) // 2]]
     con = await asyncpg.connect(pg_url, timeout=10)
     try:
         await con.executemany(
             "INSERT INTO comments (id, post_id, uid, message, parent_id, reply_to, created_at)"
-            " VALUES ($1, $2, 'u1', $3, NULL, NULL, 0)",
-            [(i, p, m) for i, (p, m) in replayed.items()],
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [astuple(c) for c in replayed],
         )
     finally:
         await con.close()
@@ -376,13 +382,13 @@ async def test_migrate_command_twice_then_twice_at_once(pg_cluster: PgCluster, p
     for _ in range(2):
         code, out = finish(migrate(pg_url))
         assert code == 0, out
-    assert await schema_versions(pg_url) == [1]
+    assert await schema_versions(pg_url) == [1, 2]
 
     fresh = pg_cluster.create_database()
     racers = [migrate(fresh) for _ in range(2)]
     for code, out in map(finish, racers):
         assert code == 0, out
-    assert await schema_versions(fresh) == [1]
+    assert await schema_versions(fresh) == [1, 2]
 
 
 def test_migrate_command_fails_promptly_without_a_database():

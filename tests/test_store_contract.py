@@ -79,12 +79,22 @@ async def test_insert_then_page_returns_every_field(store: CommentStore):
 
 async def test_reinsert_is_idempotent_and_keeps_the_first_version(store: CommentStore):
     batch = [comment(i) for i in range(1, 6)]
-    await store.insert_many(batch)
-    await store.insert_many(batch)  # a replay after a crash
-    await store.insert_many([comment(3, message="changed"), comment(6), comment(6)])
+    assert await store.insert_many(batch) == []
+    assert await store.insert_many(batch) == []  # a replay after a crash is no collision
+    changed = comment(3, message="changed")
+    assert await store.insert_many([changed, comment(6), comment(6)]) == [changed]
     stored = await store.page(PageQuery("p1", 100))
     assert [c.id for c in stored] == [1, 2, 3, 4, 5, 6]
     assert stored[2].message == "m3"
+
+
+async def test_an_id_already_stored_with_other_content_is_reported(store: CommentStore):
+    """Two instances minting one id: the second comment cannot be kept under it, and the
+    store says so instead of dropping it in silence."""
+    await store.insert_many([comment(10), comment(11)])
+    other = Comment(10, "p1", "mallory", "another comment", None, None, 1_700_000_000_999)
+    assert await store.insert_many([comment(11), other, comment(12)]) == [other]
+    assert [c.uid for c in await store.page(PageQuery("p1", 10))] == ["u1", "u2", "u0"]
 
 
 async def test_empty_batch_is_a_no_op(store: CommentStore):
@@ -145,7 +155,7 @@ async def test_migrations_run_twice(store_url: str):
         await s.open()
         await s.insert_many([comment(1)])
         await s.close()
-    assert await schema_versions(store_url) == [1]
+    assert await schema_versions(store_url) == [1, 2]
 
 
 # Four stores opened at once, in one fresh process, on each of several new databases: the race
@@ -193,7 +203,7 @@ async def test_migrations_race_from_concurrent_openers(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     for url in urls:
-        assert await schema_versions(url) == [1]
+        assert await schema_versions(url) == [1, 2]
 
 
 async def schema_versions(url: str) -> list[int]:
