@@ -85,6 +85,7 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
     app.cleanup_ctx.append(heartbeat_ctx)
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_post("/v1/comments", post_comment_json)
     app.router.add_post("/v1/comment", post_comment_form)
     app.router.add_get("/v1/comments", list_comments)
@@ -286,6 +287,14 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     page = resources.files("livecomments").joinpath("static/index.html").read_bytes()
     return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+async def favicon(request: web.Request) -> web.Response:
+    """An SVG served at the path browsers ask for on their own (a 404 in every console before)."""
+    icon = resources.files("livecomments").joinpath("static/favicon.svg").read_bytes()
+    return web.Response(
+        body=icon, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+    )
 
 
 async def post_comment_json(request: web.Request) -> web.Response:
