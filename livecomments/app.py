@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from livecomments.body import read_body, read_form
 from livecomments.bridge import Bridge, MemoryBridge
 from livecomments.comment import check_key, draft_from
 from livecomments.config import Settings
@@ -208,8 +209,13 @@ def _register_gauges(m: Metrics, comments: Comments, app: web.Application) -> No
         "Age of the oldest unflushed comment.",
         comments.queue.oldest_age_seconds,
     )
-    m.gauge("flushed_total", "Comments moved into the store.", lambda: comments.flushed)
-    m.gauge("flush_errors_total", "Failed flush attempts.", lambda: comments.flush_errors)
+    m.counter_from("flushed_total", "Comments moved into the store.", lambda: comments.flushed)
+    m.counter_from("flush_errors_total", "Failed flush attempts.", lambda: comments.flush_errors)
+    m.counter_from(
+        "id_collisions_total",
+        "Acknowledged comments the store could not keep: their id was another comment's.",
+        lambda: comments.id_collisions,
+    )
     m.gauge("store_up", "1 when the last store operation succeeded.", lambda: comments.store_ok)
     m.gauge("ws_connections", "Open WebSocket connections.", lambda: len(app[CONNS]))
     m.gauge("posts_followed", "Posts with local subscribers.", lambda: app[HUB].post_count)
@@ -297,9 +303,22 @@ async def favicon(request: web.Request) -> web.Response:
     )
 
 
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """What the server around the app must be told (cli.serve passes these to AppRunner).
+
+    `keepalive_timeout` is aiohttp's one timer from a connection's start, or its previous
+    response, to a complete request head: it closes a slow sender (slowloris) and an idle
+    keep-alive connection alike. Bodies are decompressed by body.py, not by aiohttp."""
+    return {
+        "keepalive_timeout": settings.http.idle_timeout,
+        "auto_decompress": False,
+    }
+
+
 async def post_comment_json(request: web.Request) -> web.Response:
     """`POST /v1/comments` with a JSON object body."""
-    body = await request.read()
+    settings = request.app[SETTINGS]
+    body = await read_body(request, settings.limits.body_max_bytes, settings.http.body_timeout)
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -314,10 +333,12 @@ async def post_comment_form(request: web.Request) -> web.Response:
 
     Fields come from the query string or a form body; the body wins where both have one.
     """
+    settings = request.app[SETTINGS]
     fields: dict[str, Any] = dict(request.query)
     if request.can_read_body:
-        form = await request.post()
-        fields.update((k, v) for k, v in form.items() if isinstance(v, str))
+        fields.update(
+            await read_form(request, settings.limits.body_max_bytes, settings.http.body_timeout)
+        )
     return await _create_comment(request, fields)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from livecomments.app import IDS, apply_reload, create_app
+from livecomments.app import IDS, apply_reload, create_app, runner_options
 from livecomments.config import ConfigError, Settings, load_settings
 from livecomments.store import open_store
 
@@ -128,6 +128,7 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         shutdown_timeout=settings.server.shutdown_timeout,
         handle_signals=False,
         access_log=None,
+        **runner_options(settings),
     )
     try:
         await runner.setup()

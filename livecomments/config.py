@@ -37,6 +37,16 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    # Seconds a connection may take to send a complete request head, from connecting or from
+    # its previous response: slow senders (slowloris) and idle keep-alive connections are
+    # closed past it.
+    idle_timeout: float = 15.0
+    # Seconds a request body may take to arrive once its head has; past it, 408.
+    body_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     url: str = "sqlite:///data/comments.db"
 
@@ -56,7 +66,9 @@ class QueueSettings:
 class LimitsSettings:
     id_max_chars: int = 64
     message_max_chars: int = 2000
-    body_max_bytes: int = 16 * 1024
+    # At least what the longest message needs in its most expensive encoding (see
+    # min_body_bytes); 32 KiB covers the default 2000 characters.
+    body_max_bytes: int = 32 * 1024
     ws_frame_max_bytes: int = 16 * 1024
     page_default: int = 50
     page_max: int = 200
@@ -101,6 +113,7 @@ class LogSettings:
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -114,6 +127,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "server.port": (0, 65535),
     "server.instance_id": (-1, 1023),
     "server.shutdown_timeout": (0, 3600),
+    "http.idle_timeout": (0.5, 3600),
+    "http.body_timeout": (0.5, 3600),
     "queue.max_bytes": (1024, 1 << 50),
     "queue.flush_batch": (1, 100_000),
     "queue.retry_max": (0.01, 3600),
@@ -240,9 +255,35 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
     return value
 
 
+# Bytes one character of a message can take on the wire: a non-BMP character (an emoji) is
+# "\ud83d\ude00" in ASCII-escaped JSON and "%F0%9F%98%80" in a form, 12 bytes either way.
+MAX_BYTES_PER_CHAR = 12
+# Field names, quotes and separators of the largest body, beyond the message and the ids.
+BODY_OVERHEAD = 512
+# Id-like fields of a comment body: post_id, uid, parent_id, reply_to, client_msg_id.
+ID_FIELDS = 5
+
+
+def min_body_bytes(limits: LimitsSettings) -> int:
+    """The smallest body limit that admits every comment the other limits admit, in every
+    encoding we accept (ids are ASCII and need no escaping)."""
+    return (
+        MAX_BYTES_PER_CHAR * limits.message_max_chars
+        + ID_FIELDS * limits.id_max_chars
+        + BODY_OVERHEAD
+    )
+
+
 def _check_relations(s: Settings) -> None:
     if s.limits.page_default > s.limits.page_max:
         raise ConfigError("limits.page_default: must not exceed limits.page_max")
+    if s.limits.body_max_bytes < min_body_bytes(s.limits):
+        raise ConfigError(
+            f"limits.body_max_bytes: must be at least {min_body_bytes(s.limits)} so that a "
+            f"message of limits.message_max_chars ({s.limits.message_max_chars}) characters "
+            "fits in every accepted encoding, got "
+            f"{s.limits.body_max_bytes}"
+        )
     url = s.store.url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")) or url == "sqlite:///":
         raise ConfigError(f"store.url: expected sqlite:///path or postgresql://..., got {url!r}")

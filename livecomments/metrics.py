@@ -31,12 +31,18 @@ class Metrics:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._counters_read: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def inc(self, name: str, by: int = 1) -> None:
         self.counts[name] += by
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A value read when scraped; it may go down."""
         self._gauges[name] = (help_text, read)
+
+    def counter_from(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept by its component (it only goes up), read when scraped."""
+        self._counters_read[name] = (help_text, read)
 
     def render(self) -> str:
         lines: list[str] = []
@@ -44,7 +50,9 @@ class Metrics:
             full = f"livecomments_{name}"
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} counter"]
             lines.append(f"{full} {self.counts[name]}")
-        for name, (help_text, read) in self._gauges.items():
-            full = f"livecomments_{name}"
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge", f"{full} {read():g}"]
+        for kind, table in (("counter", self._counters_read), ("gauge", self._gauges)):
+            for name, (help_text, read) in table.items():
+                full = f"livecomments_{name}"
+                lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+                lines.append(f"{full} {read():g}")
         return "\n".join(lines) + "\n"

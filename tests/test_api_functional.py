@@ -159,7 +159,7 @@ async def test_body_that_is_not_a_json_object_gets_400(server: ServerProcess, ht
 
 
 async def test_oversized_body_gets_413(server: ServerProcess, http):
-    body = {"post_id": "p", "uid": "u", "message": "x" * 20_000}
+    body = {"post_id": "p", "uid": "u", "message": "x" * 40_000}
     async with http.post(f"{server.url}/v1/comments", json=body) as r:
         await expect_error(r, 413, "body_too_large")
 
@@ -188,6 +188,15 @@ async def test_unknown_routes_and_methods_answer_in_the_error_shape(server: Serv
         await expect_error(r, 404, "not_found")
     async with http.delete(f"{server.url}/v1/comments") as r:
         await expect_error(r, 405, "method_not_allowed")
+
+
+async def test_every_total_is_exported_as_a_counter(server: ServerProcess, http):
+    async with http.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    totals = {name: kind for name, kind in types.items() if name.endswith("_total")}
+    assert "livecomments_flushed_total" in totals and "livecomments_flush_errors_total" in totals
+    assert set(totals.values()) == {"counter"}, totals
 
 
 async def test_health_ready_metrics_and_page(server: ServerProcess, http):

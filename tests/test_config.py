@@ -281,3 +281,17 @@ def test_systemd_accepts_the_unit(tmp_path: Path):
     )
     # Unknown or misspelt keys are only warned about: no output at all is the pass.
     assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
+
+
+def test_a_body_limit_too_small_for_the_longest_message_is_refused():
+    # 2000 emoji are 24,000 bytes of ASCII-escaped JSON or of a form: 16 KiB cannot hold them.
+    with pytest.raises(ConfigError, match=r"limits\.body_max_bytes: must be at least 24832"):
+        load_settings(None, {"LIVECOMMENTS_LIMITS_BODY_MAX_BYTES": "16384"})
+    fits = load_settings(
+        None,
+        {
+            "LIVECOMMENTS_LIMITS_BODY_MAX_BYTES": "16384",
+            "LIVECOMMENTS_LIMITS_MESSAGE_MAX_CHARS": "1000",
+        },
+    )
+    assert fits.limits.body_max_bytes == 16384
