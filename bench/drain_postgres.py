@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from livecomments.comment import Comment
 from livecomments.config import QueueSettings
-from livecomments.ids import SnowflakeGenerator, wall_clock_ms
-from livecomments.postgres_store import PostgresStore
-from livecomments.queue import QUEUE_FILE, WriteAheadQueue
-from livecomments.store import Comments
+from livecomments.model.comment import Comment
+from livecomments.model.ids import SnowflakeGenerator, wall_clock_ms
+from livecomments.storage.log import Comments
+from livecomments.storage.postgres import PostgresStore
+from livecomments.storage.queue import QUEUE_FILE, WriteAheadQueue
 from tests.pg_cluster import PgCluster
 
 RATES = (10, 100, 1000)  # comments per second, for the outage table

@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from livecomments.app import IDS, apply_reload, create_app, runner_options
+from livecomments.api.app import IDS, apply_reload, create_app, runner_options
 from livecomments.config import ConfigError, Settings, load_settings
-from livecomments.store import open_store
+from livecomments.storage.log import open_store
 
 log = logging.getLogger("livecomments")
 

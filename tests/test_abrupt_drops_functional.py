@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from livecomments.app import CONNS, create_app
+from livecomments.api.app import CONNS, create_app
 from livecomments.config import load_settings
 from tests.server import ServerProcess
 

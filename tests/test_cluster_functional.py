@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from livecomments.ring import Ring
+from livecomments.live.redis.ring import Ring
 from tests.redis_servers import RedisServer, RedisServers, async_wait_until, redis_servers
 from tests.server import ServerProcess
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from livecomments.app import create_app
+from livecomments.api.app import create_app
 from livecomments.config import (
     ConfigError,
     LimitsSettings,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from livecomments.comment import Draft
-from livecomments.dedupe import ENTRY_OVERHEAD, RecentRequests
-from livecomments.errors import ApiError
+from livecomments.api.dedupe import ENTRY_OVERHEAD, RecentRequests
+from livecomments.api.errors import ApiError
+from livecomments.model.comment import Draft
 
 
 def draft(post: str = "p", message: str = "m") -> Draft:

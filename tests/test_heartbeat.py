@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from livecomments.conn import PING_FRAME, Heartbeat, pong_frame
+from livecomments.live.conn import PING_FRAME, Heartbeat, pong_frame
 
 
 class FakeConn:

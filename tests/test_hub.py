@@ -7,13 +7,13 @@ import asyncio
 import orjson
 import pytest
 
-from livecomments.bridge import BridgeUnavailable, HubListener, MemoryBridge
-from livecomments.comment import Comment
 from livecomments.config import RedisSettings
-from livecomments.conn import Conn, WriteBatcher, text_frame
-from livecomments.hub import Hub, TooManyPosts
-from livecomments.ids import EPOCH_MS, SnowflakeGenerator, lowest_id_at
+from livecomments.live.bridge import BridgeUnavailable, HubListener, MemoryBridge
+from livecomments.live.conn import Conn, WriteBatcher, text_frame
+from livecomments.live.hub import Hub, TooManyPosts
 from livecomments.metrics import Metrics
+from livecomments.model.comment import Comment
+from livecomments.model.ids import EPOCH_MS, SnowflakeGenerator, lowest_id_at
 
 
 class FakeSocket:

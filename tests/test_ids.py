@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from livecomments.ids import (
+from livecomments.model.ids import (
     EPOCH_MS,
     MAX_INSTANCE,
     SnowflakeGenerator,

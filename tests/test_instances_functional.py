@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from livecomments.app import COMMENTS, create_app
-from livecomments.comment import Comment
+from livecomments.api.app import COMMENTS, create_app
 from livecomments.config import load_settings
-from livecomments.ids import instance_of
-from livecomments.store import PageQuery, open_store
+from livecomments.model.comment import Comment
+from livecomments.model.ids import instance_of
+from livecomments.storage.log import PageQuery, open_store
 from tests.pg_cluster import pg_cluster, pg_url
 from tests.server import ServerProcess
 

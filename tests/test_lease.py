@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from livecomments import lease as lease_module
-from livecomments.app import LEASE, create_app
+from livecomments.api.app import LEASE, create_app
 from livecomments.config import load_settings
-from livecomments.lease import InstanceIdUnavailable, InstanceLease
-from livecomments.store import LeasingStore, open_store
+from livecomments.storage import lease as lease_module
+from livecomments.storage.lease import InstanceIdUnavailable, InstanceLease
+from livecomments.storage.log import LeasingStore, open_store
 from tests.pg_cluster import PgCluster, pg_cluster, pg_url
 from tests.server import free_port
 

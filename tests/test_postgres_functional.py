@@ -22,7 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from livecomments.comment import Comment
+from livecomments.model.comment import Comment
 from tests.conftest import StartServer
 from tests.pg_cluster import PgCluster, pg_cluster, pg_url
 from tests.server import REPO, ServerProcess, free_port

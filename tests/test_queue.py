@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from livecomments import queue as queue_module
-from livecomments.comment import Comment
-from livecomments.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
+from livecomments.model.comment import Comment
+from livecomments.storage import queue as queue_module
+from livecomments.storage.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
 from tests.mounts import remount, tmpfs
 
 

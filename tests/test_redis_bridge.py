@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from livecomments.config import RedisSettings
-from livecomments.hub import Hub
-from livecomments.ids import wall_clock_ms
+from livecomments.live.hub import Hub
+from livecomments.live.redis.bridge import CHANNEL_PREFIX, NodeUnavailable, RedisBridge
+from livecomments.live.redis.ring import Ring
 from livecomments.metrics import Metrics
-from livecomments.redis_bridge import CHANNEL_PREFIX, NodeUnavailable, RedisBridge
-from livecomments.ring import Ring
+from livecomments.model.ids import wall_clock_ms
 from tests.redis_servers import (
     DeafeningProxy,
     RedisServers,

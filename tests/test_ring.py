@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from livecomments.ring import Ring, node_key, stable_hash
+from livecomments.live.redis.ring import Ring, node_key, stable_hash
 from tests.server import REPO
 
 URLS = ["redis://10.0.0.1:6379/0", "redis://10.0.0.2:6379/0", "redis://10.0.0.3:6379/0"]
@@ -30,7 +30,7 @@ def test_same_node_in_another_process_with_another_hash_seed():
     sample = POSTS[:2000]
     script = (
         "import json, sys\n"
-        "from livecomments.ring import Ring\n"
+        "from livecomments.live.redis.ring import Ring\n"
         "urls, posts = json.load(sys.stdin)\n"
         "print(json.dumps([Ring(urls).node_for(p) for p in posts]))\n"
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from livecomments.comment import Comment
-from livecomments.queue import WriteAheadQueue
-from livecomments.sqlite_store import SQLiteStore
-from livecomments.store import Comments, PageQuery
+from livecomments.model.comment import Comment
+from livecomments.storage.log import Comments, PageQuery
+from livecomments.storage.queue import WriteAheadQueue
+from livecomments.storage.sqlite import SQLiteStore
 
 
 class ReadThenWait(SQLiteStore):

@@ -21,10 +21,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from livecomments import postgres_store, sqlite_store
-from livecomments.comment import Comment
-from livecomments.postgres_store import PostgresStore
-from livecomments.store import COLUMNS, CommentStore, PageQuery, open_store, page_sql, window
+from livecomments.model.comment import Comment
+from livecomments.storage import postgres as postgres_store
+from livecomments.storage import sqlite as sqlite_store
+from livecomments.storage.log import COLUMNS, CommentStore, PageQuery, open_store, page_sql, window
+from livecomments.storage.postgres import PostgresStore
 from tests.pg_cluster import PgCluster, pg_cluster, pg_url
 from tests.server import REPO
 
@@ -164,7 +165,7 @@ async def test_migrations_run_twice(store_url: str):
 # thread would otherwise keep it (and so this test) from ever finishing.
 RACE_OPENERS = """
 import asyncio, os, sys
-from livecomments.store import open_store
+from livecomments.storage.log import open_store
 
 async def race(url):
     stores = [open_store(url) for _ in range(4)]

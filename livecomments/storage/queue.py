@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from livecomments.comment import Comment
+from livecomments.model.comment import Comment
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from livecomments.comment import Comment
-from livecomments.lease import LeaseStore
-from livecomments.queue import WriteAheadQueue
+from livecomments.model.comment import Comment
+from livecomments.storage.lease import LeaseStore
+from livecomments.storage.queue import WriteAheadQueue
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ class LeasingStore(CommentStore, LeaseStore, Protocol):
 def open_store(url: str) -> LeasingStore:
     if url.startswith("sqlite://"):
         # Imported here: the backends import PageQuery from this module.
-        from livecomments.sqlite_store import SQLiteStore  # noqa: PLC0415
+        from livecomments.storage.sqlite import SQLiteStore  # noqa: PLC0415
 
         return SQLiteStore(url)
     if url.startswith(("postgresql://", "postgres://")):
-        from livecomments.postgres_store import PostgresStore  # noqa: PLC0415
+        from livecomments.storage.postgres import PostgresStore  # noqa: PLC0415
 
         return PostgresStore(url)
     raise ValueError(f"unsupported store url {url!r}")

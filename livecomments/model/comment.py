@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from livecomments.errors import invalid
+from livecomments.api.errors import invalid
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9._:-]+")
 

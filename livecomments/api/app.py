@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from livecomments.body import read_body, read_form
-from livecomments.bridge import Bridge, MemoryBridge
-from livecomments.comment import check_key, draft_from
+from livecomments.api.body import read_body, read_form
+from livecomments.api.dedupe import RecentRequests
+from livecomments.api.errors import ApiError, invalid
 from livecomments.config import Settings
-from livecomments.conn import (
+from livecomments.live.bridge import Bridge, MemoryBridge
+from livecomments.live.conn import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_UNSUPPORTED_DATA,
@@ -34,15 +35,14 @@ from livecomments.conn import (
     pong_frame,
     text_frame,
 )
-from livecomments.dedupe import RecentRequests
-from livecomments.errors import ApiError, invalid
-from livecomments.hub import Hub, TooManyPosts
-from livecomments.ids import SnowflakeGenerator, wall_clock_ms
-from livecomments.lease import InstanceLease
+from livecomments.live.hub import Hub, TooManyPosts
+from livecomments.live.redis.ring import node_key
 from livecomments.metrics import Metrics
-from livecomments.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
-from livecomments.ring import node_key
-from livecomments.store import Comments, PageQuery, StoreUnavailable, open_store
+from livecomments.model.comment import check_key, draft_from
+from livecomments.model.ids import SnowflakeGenerator, wall_clock_ms
+from livecomments.storage.lease import InstanceLease
+from livecomments.storage.log import Comments, PageQuery, StoreUnavailable, open_store
+from livecomments.storage.queue import QueueFull, QueueWriteFailed, WriteAheadQueue
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def make_bridge(settings: Settings, metrics: Metrics) -> Bridge:
     """In-memory for one instance; Redis, sharded by ring.py, when `redis.urls` lists servers."""
     if not settings.redis.urls:
         return MemoryBridge()
-    from livecomments.redis_bridge import RedisBridge  # noqa: PLC0415 (only with Redis on)
+    from livecomments.live.redis.bridge import RedisBridge  # noqa: PLC0415 (only with Redis on)
 
     return RedisBridge(settings.redis, metrics)
 

@@ -80,11 +80,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from livecomments.bridge import BridgeUnavailable, HubListener
 from livecomments.config import RedisSettings
-from livecomments.ids import wall_clock_ms
+from livecomments.live.bridge import BridgeUnavailable, HubListener
+from livecomments.live.redis.ring import Ring, node_key
 from livecomments.metrics import Metrics
-from livecomments.ring import Ring, node_key
+from livecomments.model.ids import wall_clock_ms
 
 log = logging.getLogger(__name__)
 

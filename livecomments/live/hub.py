@@ -25,11 +25,11 @@ from typing import Protocol
 
 import orjson
 
-from livecomments.bridge import Bridge, BridgeUnavailable
 from livecomments.config import RedisSettings
-from livecomments.conn import text_frame
-from livecomments.ids import lowest_id_at
+from livecomments.live.bridge import Bridge, BridgeUnavailable
+from livecomments.live.conn import text_frame
 from livecomments.metrics import Metrics
+from livecomments.model.ids import lowest_id_at
 
 log = logging.getLogger(__name__)
 

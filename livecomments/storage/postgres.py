@@ -46,8 +46,8 @@ from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
-from livecomments.comment import Comment
-from livecomments.store import COLUMNS, PageQuery, different_from_stored, page_sql
+from livecomments.model.comment import Comment
+from livecomments.storage.log import COLUMNS, PageQuery, different_from_stored, page_sql
 
 log = logging.getLogger(__name__)
 

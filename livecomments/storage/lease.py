@@ -34,7 +34,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from livecomments.ids import MAX_INSTANCE
+from livecomments.model.ids import MAX_INSTANCE
 
 log = logging.getLogger(__name__)
 

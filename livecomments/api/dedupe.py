@@ -18,8 +18,8 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from livecomments.comment import Draft
-from livecomments.errors import ApiError
+from livecomments.api.errors import ApiError
+from livecomments.model.comment import Draft
 
 Key = tuple[str, str]  # (uid, client_msg_id)
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from livecomments.errors import ApiError, invalid
+from livecomments.api.errors import ApiError, invalid
 
 ENCODINGS = ("identity", "gzip", "x-gzip", "deflate")
 # zlib's window bits: 32 + 15 accepts a gzip or a zlib header; -15 is raw deflate, which some

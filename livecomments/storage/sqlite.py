@@ -15,9 +15,9 @@ from pathlib import Path
 
 import aiosqlite
 
-from livecomments.comment import Comment
-from livecomments.ids import wall_clock_ms
-from livecomments.store import COLUMNS, PageQuery, different_from_stored, page_sql
+from livecomments.model.comment import Comment
+from livecomments.model.ids import wall_clock_ms
+from livecomments.storage.log import COLUMNS, PageQuery, different_from_stored, page_sql
 
 # Seconds to wait for another connection that holds the file's locks.
 BUSY_TIMEOUT = 5.0
