@@ -1,6 +1,6 @@
 """`python -m bench.drain_postgres`: how fast a backlog drains into PostgreSQL after an outage.
 
-What it does, on a private PostgreSQL cluster (tests/pg_cluster.py; never the machine's own):
+What it does, on a private PostgreSQL cluster (tests/support/pg_cluster.py; never the shared one):
 
 1. stops the database, then accepts `--comments` comments into a real `WriteAheadQueue` (each
    fsync'd, as a POST would), while the real flusher (`store.Comments`) fails and backs off;
@@ -31,10 +31,10 @@ from pathlib import Path
 from livecomments.config import QueueSettings
 from livecomments.model.comment import Comment
 from livecomments.model.ids import SnowflakeGenerator, wall_clock_ms
-from livecomments.storage.log import Comments
+from livecomments.storage.log import DurableLog as Comments
 from livecomments.storage.postgres import PostgresStore
 from livecomments.storage.queue import QUEUE_FILE, WriteAheadQueue
-from tests.pg_cluster import PgCluster
+from tests.support.pg_cluster import PgCluster
 
 RATES = (10, 100, 1000)  # comments per second, for the outage table
 

@@ -10,7 +10,7 @@ nothing else going on. One comment at a time (each waits for the previous one to
 
 Prints p50/p99/max of POST start -> comment frame read, and of POST start -> 201 (the durable
 acknowledgement, which includes the queue's fsync). Servers and Redis are private processes on
-free ports (tests/server.py, tests/redis_servers.py), stopped at the end.
+free ports (tests/support/server.py, tests/support/redis_servers.py), stopped at the end.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.redis_servers import RedisServers
-from tests.server import ServerProcess
+from tests.support.redis_servers import RedisServers
+from tests.support.server import ServerProcess
 
 WARM_UP = 50
 

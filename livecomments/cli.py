@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from livecomments.api.app import IDS, apply_reload, create_app, runner_options
+from livecomments.api.app import apply_reload, create_app, runner_options
+from livecomments.api.keys import IDS
 from livecomments.config import ConfigError, Settings, load_settings
-from livecomments.storage.log import open_store
+from livecomments.storage import open_store
 
 log = logging.getLogger("livecomments")
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from livecomments.urls import REDIS_PREFIXES, SQLITE_PREFIX, store_scheme
+
 ENV_PREFIX = "LIVECOMMENTS_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -285,18 +287,17 @@ def _check_relations(s: Settings) -> None:
             f"{s.limits.body_max_bytes}"
         )
     url = s.store.url
-    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")) or url == "sqlite:///":
-        raise ConfigError(f"store.url: expected sqlite:///path or postgresql://..., got {url!r}")
+    try:
+        store_scheme(url)
+    except ValueError as e:
+        raise ConfigError(f"store.url: {e}") from None
     if not s.queue.dir:
         raise ConfigError("queue.dir: must not be empty")
     for url in s.redis.urls:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if not url.startswith(REDIS_PREFIXES):
             raise ConfigError(f"redis.urls: expected redis://host:port[/db], got {url!r}")
     if len(set(s.redis.urls)) != len(s.redis.urls):
         raise ConfigError("redis.urls: lists the same server twice")
-
-
-SQLITE_URL_PREFIX = "sqlite:///"
 
 
 def _resolve_paths(
@@ -322,8 +323,8 @@ def _resolve_paths(
     if not os.path.isabs(queue_dir):
         queue_dir = str(base("queue", "dir") / queue_dir)
     url = settings.store.url
-    if url.startswith(SQLITE_URL_PREFIX) and not os.path.isabs(url[len(SQLITE_URL_PREFIX) :]):
-        url = SQLITE_URL_PREFIX + str(base("store", "url") / url[len(SQLITE_URL_PREFIX) :])
+    if url.startswith(SQLITE_PREFIX) and not os.path.isabs(url[len(SQLITE_PREFIX) :]):
+        url = SQLITE_PREFIX + str(base("store", "url") / url[len(SQLITE_PREFIX) :])
     return dataclasses.replace(
         settings,
         queue=dataclasses.replace(settings.queue, dir=queue_dir),

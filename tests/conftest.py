@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.server import ServerProcess
+from tests.support.server import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 

@@ -5,13 +5,21 @@ The hub delivers every comment to its own sockets itself, then hands the same en
 there; it must never hand an instance back its own publications (the hub already delivered them).
 
 `MemoryBridge` is the single-instance bridge: there is nobody else, so it carries nothing. The
-Redis bridge (redis_bridge.py) implements the same protocol across hosts.
+Redis bridge (live/redis/bridge.py) implements the same protocol across hosts, and one more
+ability, `Reconfigurable`: a new ring of Redis servers at runtime (SIGHUP).
+
+Guarantees every bridge keeps (tests/contract/test_bridge_contract.py holds both to them):
+* `publish` never awaits and never raises; a subscriber on another instance receives what was
+  published after its `subscribe` returned, once, in the order of each publisher.
+* An instance never receives its own publications back.
+* A loss it cannot repair (a dropped connection, a dropped publish) ends in `resync` for the
+  posts concerned, never in silence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from livecomments.config import RedisSettings
 
@@ -56,8 +64,13 @@ class Bridge(Protocol):
     def status(self) -> dict[str, object]:
         """For /readyz: `{"status": "ok" | "degraded" | ..., ...details}`."""
 
+
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """A bridge whose servers can change at runtime."""
+
     async def reconfigure(self, settings: RedisSettings) -> None:
-        """SIGHUP with a new `redis.urls`: move the posts whose node changed, keep sockets."""
+        """SIGHUP with a new `redis.urls`: move the posts whose shard changed, keep sockets."""
 
 
 class MemoryBridge:
@@ -81,6 +94,11 @@ class MemoryBridge:
     def status(self) -> dict[str, object]:
         return {"status": "ok", "kind": "memory"}
 
-    async def reconfigure(self, settings: RedisSettings) -> None:
-        if settings.urls:
-            raise ValueError("redis.urls: switching from one instance to Redis needs a restart")
+
+def open_bridge(settings: RedisSettings) -> Bridge:
+    """In-memory for one instance; Redis, sharded by a ring, when `redis.urls` lists servers."""
+    if not settings.urls:
+        return MemoryBridge()
+    from livecomments.live.redis.bridge import RedisBridge  # noqa: PLC0415 (only with Redis on)
+
+    return RedisBridge(settings)

@@ -14,12 +14,11 @@ The hot path is built so that fan-out to ten thousand sockets costs ten thousand
   socket is closed with `CLOSE_SLOW_CONSUMER` (4008) rather than buffered without end. The client
   reconnects and catches up with `GET ...&after=`.
 
-Heartbeats are ours too, not aiohttp's (`heartbeat=None` on the response): one `Heartbeat`
-worker pings every quiet socket with the same pre-built frame and cuts those that stay silent,
-instead of a timer and a per-message callback per socket. (aiohttp's callback is also a
-reference cycle, response -> protocol -> callback -> response, that kept every socket closed
-without a close frame alive until a full garbage collection.) aiohttp still owns the handshake
-and the close, and writes whole frames too, so the two never split each other's frames.
+Heartbeats are ours too (heartbeat.py), so aiohttp writes only the handshake and the close
+frame. Both leave aiohttp's writer whole, in one `transport.write` with no await in between
+(aiohttp 3.14, pinned in constraints.txt; compression off), and the batcher writes only whole
+frames at the end of a loop turn, so neither can split the other's frame. tests/functional/
+test_conn_interleave_functional.py holds both to that.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable, Collection
 
 from aiohttp import web
+
+from livecomments import metrics
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ class Conn:
         "_closer",
         "_dirty",
         "_max_bytes",
-        "_on_slow",
         "_pending",
         "_pending_bytes",
         "_transport",
@@ -119,14 +118,12 @@ class Conn:
         transport: asyncio.Transport,
         batcher: WriteBatcher,
         max_bytes: int,
-        on_slow: Callable[[], None] = lambda: None,
     ) -> None:
         self.ws = ws
         self.posts: set[str] = set()
         self._transport = transport
         self._batcher = batcher
         self._max_bytes = max_bytes
-        self._on_slow = on_slow
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._dirty = False
@@ -147,7 +144,7 @@ class Conn:
             return False
         backlog = self._pending_bytes + self._transport.get_write_buffer_size()
         if backlog + len(frame) > self._max_bytes:
-            self._on_slow()
+            metrics.SLOW_CONSUMER_CLOSES.inc()
             self.close_soon(CLOSE_SLOW_CONSUMER, b"slow consumer", drop_pending=True)
             return False
         self._pending.append(frame)
@@ -176,6 +173,7 @@ class Conn:
             return
         if not drop_pending:
             self.flush()
+        metrics.WS_CLOSES.labels(str(code)).inc()
         self._close_code = code
         self._pending = []
         self._pending_bytes = 0
@@ -192,6 +190,7 @@ class Conn:
     def abort(self) -> None:
         """Cut a peer that stopped answering: no close handshake, it could not take one."""
         if self._close_code is None:
+            metrics.WS_CLOSES.labels(str(CLOSE_ABNORMAL)).inc()
             self._close_code = CLOSE_ABNORMAL
             self._pending = []
             self._pending_bytes = 0
@@ -219,42 +218,3 @@ class Conn:
             # A peer that does not read cannot take a close frame either: cut the connection.
             log.debug("close %d did not complete (%s); aborting the connection", code, e)
             self._transport.abort()
-
-
-class Heartbeat:
-    """Finds dead peers: pings every socket quiet for `interval` seconds, cuts one that sends
-    nothing for `interval / 2` after its ping.
-
-    A peer that vanished without a FIN (a phone out of coverage, a crashed NAT) leaves a socket
-    that looks open for as long as TCP's own timeouts, hours. One worker for every socket, with
-    one shared ping frame; it ticks four times per interval, so a dead peer is cut between
-    `interval * 1.5` and `interval * 1.75` after its last frame.
-    """
-
-    def __init__(self, conns: Collection[Conn], interval: float) -> None:
-        self._conns = conns
-        self.interval = interval
-
-    async def worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.interval / 4)
-            try:
-                self.tick(loop.time())
-            except Exception:  # a bug here must not end heartbeats for good
-                log.exception("heartbeat: tick failed")
-
-    def tick(self, now: float) -> int:
-        """Ping the quiet, cut the silent; return how many were cut."""
-        cut = 0
-        for conn in list(self._conns):
-            if conn.closing:
-                continue
-            if conn.pinged_at is not None:
-                if now - conn.pinged_at >= self.interval / 2:
-                    conn.abort()
-                    cut += 1
-            elif now - conn.last_seen >= self.interval:
-                conn.pinged_at = now
-                conn.offer(PING_FRAME)
-        return cut

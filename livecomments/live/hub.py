@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-import orjson
-
-from livecomments.config import RedisSettings
-from livecomments.live.bridge import Bridge, BridgeUnavailable
+from livecomments import metrics
+from livecomments.config import LimitsSettings, RedisSettings
+from livecomments.live import events
+from livecomments.live.bridge import Bridge, BridgeUnavailable, Reconfigurable
 from livecomments.live.conn import text_frame
-from livecomments.metrics import Metrics
-from livecomments.model.ids import lowest_id_at
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +42,6 @@ class Subscriber(Protocol):
 
 class TooManyPosts(Exception):
     """This instance already follows its configured maximum of posts."""
-
-
-def comment_event(comment_json: bytes) -> bytes:
-    """`{"type":"comment","comment":C}` around C as already encoded: no second encode."""
-    return b'{"type":"comment","comment":' + comment_json + b"}"
-
-
-# Clocks of different hosts disagree a little; a resync reaches this much further back.
-RESYNC_CLOCK_SKEW_MS = 5_000
-
-
-def resync_event(post_id: str, since_ms: int) -> bytes:
-    """`after` is an id below every comment created since `since_ms` on any instance: a client
-    refetches from the smaller of it and its own newest id, and skips ids it already shows.
-    (Its newest id alone is not enough: comments accepted by this instance kept arriving during
-    the gap, so the newest shown may be newer than a remote comment that was missed.)"""
-    after = lowest_id_at(since_ms - RESYNC_CLOCK_SKEW_MS)
-    return orjson.dumps({"type": "resync", "post_id": post_id, "after": str(after)})
 
 
 class _KeyedLocks:
@@ -90,9 +71,8 @@ class _KeyedLocks:
 
 
 class Hub:
-    def __init__(self, bridge: Bridge, metrics: Metrics, max_posts: int = 1_000_000) -> None:
+    def __init__(self, bridge: Bridge, max_posts: int = LimitsSettings.posts_per_instance) -> None:
         self._bridge = bridge
-        self._metrics = metrics
         self._max_posts = max_posts
         self._posts: dict[str, set[Subscriber]] = {}
         # Posts the bridge has been asked to follow (and follows, or will once it is back: see
@@ -108,7 +88,11 @@ class Hub:
         await self._bridge.stop()
 
     async def reconfigure(self, settings: RedisSettings) -> None:
-        await self._bridge.reconfigure(settings)
+        """SIGHUP: a new list of Redis servers, if the bridge can take one at runtime."""
+        if isinstance(self._bridge, Reconfigurable):
+            await self._bridge.reconfigure(settings)
+        elif settings.urls:
+            raise ValueError("redis.urls: switching from one instance to Redis needs a restart")
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -171,7 +155,7 @@ class Hub:
     def publish(self, post_id: str, comment_json: bytes) -> None:
         """Deliver an accepted comment (as `Comment.encode()` made it) here and to every other
         instance. Never awaits."""
-        payload = comment_event(comment_json)
+        payload = events.comment(comment_json)
         self.deliver(post_id, payload)
         self._bridge.publish(post_id, payload)
 
@@ -180,18 +164,20 @@ class Hub:
         subs = self._posts.get(post_id)
         if not subs:
             return
+        started = time.perf_counter()
         frame = text_frame(payload)
         delivered = 0
         for sub in subs:
             delivered += sub.offer(frame)
-        self._metrics.inc("deliveries_total", delivered)
+        metrics.DELIVERIES.inc(delivered)
+        metrics.FANOUT_SECONDS.observe(time.perf_counter() - started)
 
     def resync(self, post_ids: Iterable[str], since_ms: int) -> None:
         for post_id in post_ids:
             subs = self._posts.get(post_id)
             if subs:
-                self._metrics.inc("resyncs_total", len(subs))
-                self.deliver(post_id, resync_event(post_id, since_ms))
+                metrics.RESYNCS.inc(len(subs))
+                self.deliver(post_id, events.resync(post_id, since_ms))
 
     # -- for the bridge and for status ---------------------------------------------------------
 

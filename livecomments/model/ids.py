@@ -28,6 +28,8 @@ SEQUENCE_BITS = 12
 MAX_INSTANCE = (1 << INSTANCE_BITS) - 1
 _SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
 _TIME_SHIFT = INSTANCE_BITS + SEQUENCE_BITS
+# Ids stay below 2**63: they fit a signed 64-bit column.
+MAX_SNOWFLAKE = (1 << 63) - 1
 
 
 def wall_clock_ms() -> int:

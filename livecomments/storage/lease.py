@@ -31,29 +31,17 @@ import asyncio
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
-from livecomments.model.ids import MAX_INSTANCE
+from livecomments.model.ids import MAX_INSTANCE, SnowflakeGenerator
+from livecomments.storage.base import LeaseStore
+from livecomments.storage.queue import WriteAheadQueue
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL = 60.0  # seconds
 ALL_IDS = range(MAX_INSTANCE + 1)
-
-
-class LeaseStore(Protocol):
-    """The store's lease table (both stores implement it)."""
-
-    async def read_leases(self) -> tuple[int, dict[int, int]]:
-        """The store's clock (Unix ms) and every lease row: instance id -> expiry (Unix ms)."""
-
-    async def take_lease(self, instance_id: int, holder: str, ttl_ms: int) -> bool:
-        """Atomically take or extend the lease on `instance_id` if it is free, lapsed or already
-        `holder`'s; False if another holder's lease is live."""
-
-    async def release_lease(self, instance_id: int, holder: str) -> None:
-        """Drop the lease if it is still `holder`'s."""
 
 
 class InstanceIdUnavailable(Exception):
@@ -186,3 +174,35 @@ class InstanceLease:
             await self._store.release_lease(self.instance_id, self._holder)
         except Exception as e:
             log.warning("lease: could not release instance id %d: %s", self.instance_id, e)
+
+
+@asynccontextmanager
+async def run_instance_ids(
+    store: LeaseStore,
+    queue: WriteAheadQueue,
+    store_open: bool,
+    store_ready: Callable[[], Awaitable[object]],
+    requested: int,
+) -> AsyncIterator[tuple[SnowflakeGenerator, InstanceLease]]:
+    """This instance's id generator, its instance id leased in `store` and renewed while the
+    context lasts, released at its end. The id used is remembered in the queue for next time."""
+    ids = SnowflakeGenerator(None)
+    ids.seed(queue.last_id)
+
+    async def use(instance_id: int) -> None:
+        ids.assign(instance_id)
+        await queue.remember_instance_id(instance_id)
+
+    lease = InstanceLease(store, requested, queue.remembered_instance_id, on_claimed=use)
+    instance_id = await lease.acquire(store_open)
+    try:
+        if instance_id is not None:
+            await use(instance_id)
+        renewer = asyncio.create_task(lease.renew_worker(store_ready), name="lease-renew-worker")
+        try:
+            yield ids, lease
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+    finally:
+        await lease.release()

@@ -1,130 +1,39 @@
-"""The store: comments made durable by the write-ahead queue, then moved into SQLite or PostgreSQL.
+"""The durable log: every comment passes it, and nothing it acknowledged is ever lost.
 
-`Comments` is what the API talks to:
+`DurableLog` is what the API talks to, in front of the database:
 
-* `accept()` -> the comment is fsync'd in the local `WriteAheadQueue` (see queue.py) and only then
+* `accept()` -> the comment is fsync'd in the local `WriteAheadQueue` (queue.py) and only then
   acknowledged. The database is not on this path, so comments are taken while it is down.
-* `flush_worker()` moves queued comments into the `CommentStore` in batches, at least once; the
-  store's `insert_many` ignores ids it already has, so a replay after a crash is harmless. Errors
-  back off (capped, jittered) and retry forever: nothing acknowledged is ever dropped here.
+* `flush_worker()` moves queued comments into the `CommentStore` (base.py) in batches, at least
+  once; the store's `insert_many` ignores ids it already has, so a replay after a crash is
+  harmless. Errors back off (capped, jittered) and retry forever: nothing acknowledged is ever
+  dropped here. An id the store already has with other content (two instances minted one id) is
+  counted and logged whole, never passed over in silence.
 * `page()` merges what the database has with what is still queued, so a comment is listed as soon
-  as its POST returned (read-your-writes), even before it is flushed. If the database cannot answer
-  it raises `StoreUnavailable` rather than return a list that looks complete but is not.
-
-Backends implement `CommentStore`; `open_store(url)` picks one by the URL's scheme.
+  as its POST returned (read-your-writes), even before it is flushed. If the database cannot
+  answer it raises `StoreUnavailable` rather than return a list that looks complete but is not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
+from livecomments import metrics
+from livecomments.backoff import Backoff
+from livecomments.config import Settings
 from livecomments.model.comment import Comment
-from livecomments.storage.lease import LeaseStore
+from livecomments.storage import open_store
+from livecomments.storage.base import LeaseStore, LeasingStore, PageQuery, StoreUnavailable, window
 from livecomments.storage.queue import WriteAheadQueue
+from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)
 
 
-class StoreUnavailable(Exception):
-    """The database did not answer; the caller should say so (503), not guess."""
-
-
-@dataclass(frozen=True, slots=True)
-class PageQuery:
-    """One page of a post's comments. At most one of `before` / `after` is set.
-
-    No cursor: the newest `limit`. `before`: the newest `limit` older than it.
-    `after`: the oldest `limit` newer than it (catch-up). Pages are always ascending by id.
-    """
-
-    post_id: str
-    limit: int
-    before: int | None = None
-    after: int | None = None
-
-
-class CommentStore(Protocol):
-    """A database of comments. Implementations: sqlite_store.SQLiteStore, postgres_store."""
-
-    async def open(self) -> None:
-        """Connect and apply pending schema migrations (idempotent)."""
-
-    async def close(self) -> None: ...
-
-    async def insert_many(self, comments: list[Comment]) -> list[Comment]:
-        """Store all of `comments` in one transaction; ids already stored are left as they are.
-
-        Returns the comments whose id was already stored with other content (an id collision:
-        two instances minted one id); a replay of the same comment is not one."""
-
-    async def page(self, query: PageQuery) -> list[Comment]:
-        """Up to `query.limit + 1` comments of the page's window, ascending by id.
-
-        The extra one tells the caller there is more; `window()` below picks the side.
-        """
-
-
-class LeasingStore(CommentStore, LeaseStore, Protocol):
-    """A store that also holds the instance-id leases (both backends are)."""
-
-
-def open_store(url: str) -> LeasingStore:
-    if url.startswith("sqlite://"):
-        # Imported here: the backends import PageQuery from this module.
-        from livecomments.storage.sqlite import SQLiteStore  # noqa: PLC0415
-
-        return SQLiteStore(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        from livecomments.storage.postgres import PostgresStore  # noqa: PLC0415
-
-        return PostgresStore(url)
-    raise ValueError(f"unsupported store url {url!r}")
-
-
-def window(comments: list[Comment], query: PageQuery) -> tuple[list[Comment], bool]:
-    """Cut ascending `comments` (already filtered by the cursor) to the page, and say if more."""
-    has_more = len(comments) > query.limit
-    if not has_more:
-        return comments, False
-    if query.after is not None:
-        return comments[: query.limit], True
-    return comments[-query.limit :], True
-
-
-def different_from_stored(batch: list[Comment], stored: list[Comment]) -> list[Comment]:
-    """The comments of `batch` whose id is stored with other content (collisions)."""
-    by_id = {c.id: c for c in stored}
-    return [c for c in batch if c.id in by_id and by_id[c.id] != c]
-
-
-# The comments table's columns, in the order of Comment's fields (both backends).
-COLUMNS = "id, post_id, uid, message, parent_id, reply_to, created_at"
-
-
-def page_sql(
-    query: PageQuery, columns: str, param: Callable[[int], str]
-) -> tuple[str, tuple[object, ...]]:
-    """The page's window as SQL, walked along the (post_id, id) index: no sort step.
-
-    `param(n)` spells the n-th placeholder in the backend's dialect (`?` or `$n`).
-    Ascending for `after`, descending otherwise: the caller reverses those."""
-    select = f"SELECT {columns} FROM comments WHERE post_id = {param(1)}"
-    n = query.limit + 1
-    if query.after is not None:
-        sql = f"{select} AND id > {param(2)} ORDER BY id ASC LIMIT {param(3)}"
-        return sql, (query.post_id, query.after, n)
-    if query.before is not None:
-        sql = f"{select} AND id < {param(2)} ORDER BY id DESC LIMIT {param(3)}"
-        return sql, (query.post_id, query.before, n)
-    return f"{select} ORDER BY id DESC LIMIT {param(2)}", (query.post_id, n)
-
-
-class Comments:
+class DurableLog:
     """Queue in front, store behind: the durable path of every comment."""
 
     def __init__(
@@ -156,6 +65,7 @@ class Comments:
             await self.store.open()
         except Exception as e:
             self.flush_errors += 1  # nothing can be flushed until it opens: same signal
+            metrics.FLUSH_ERRORS.inc()
             self._mark_store(False, e)
             return False
         self.store_open = True
@@ -169,9 +79,11 @@ class Comments:
 
     async def open_store_until_ready(self) -> None:
         """Retry `try_open_store` with capped, jittered backoff until it succeeds."""
-        delay = 0.0
-        while not self.store_open and not await self.try_open_store():
-            delay = await self._backoff(delay)
+        backoff = Backoff(cap=self._retry_max)
+        while not self.store_open:
+            if await self.try_open_store():
+                return
+            await asyncio.sleep(backoff.next())
 
     async def accept(self, comment: Comment) -> bytes:
         """Durable on return: fsync'd in the queue. Returns the comment's JSON (encoded once,
@@ -194,9 +106,20 @@ class Comments:
         merged.update((c.id, c) for c in queued)
         return window(sorted(merged.values(), key=lambda c: c.id), query)
 
+    async def open_and_flush_worker(self) -> None:
+        """Opens the store if start-up could not, then flushes; both retry until cancelled."""
+        await self.open_store_until_ready()
+        await self.flush_worker()
+
+    def export_metrics(self) -> None:
+        metrics.bind(metrics.QUEUE_DEPTH, lambda: self.queue.depth)
+        metrics.bind(metrics.QUEUE_BYTES, lambda: self.queue.pending_bytes)
+        metrics.bind(metrics.QUEUE_OLDEST_AGE, self.queue.oldest_age_seconds)
+        metrics.bind(metrics.STORE_UP, lambda: self.store_ok)
+
     async def flush_worker(self) -> None:
         """Move queued comments to the store until cancelled; never gives up, never drops."""
-        delay = 0.0
+        backoff = Backoff(cap=self._retry_max)
         while True:
             await self.queue.wait_pending()
             batch = self.queue.oldest(self._flush_batch)
@@ -204,38 +127,32 @@ class Comments:
                 collisions = await self.store.insert_many(batch)
             except Exception as e:  # CancelledError is not an Exception: it still stops us
                 self.flush_errors += 1
+                metrics.FLUSH_ERRORS.inc()
                 self._mark_store(False, e)
-                delay = await self._backoff(delay)
+                await asyncio.sleep(backoff.next())
                 continue
-            delay = 0.0
+            backoff.reset()
             self._mark_store(True)
             if collisions:
                 self._report_collisions(collisions)
             self.flushed += len(batch)
-            try:
-                await self.queue.ack(batch)
-            except Exception:
-                # Memory has let them go; the rows stay in the queue file and are flushed
-                # again after a restart, which the store's idempotent insert makes harmless.
-                log.exception("queue: could not delete %d flushed comments", len(batch))
+            metrics.FLUSHED.inc(len(batch))
+            # A delete the queue cannot write is its own to retry (queue.py, _repair_worker); at
+            # worst the rows are flushed again after a restart, which insert_many makes harmless.
+            await self.queue.ack(batch)
 
     def _report_collisions(self, collisions: list[Comment]) -> None:
         """Acknowledged comments the store could not keep: their id was already another
         comment's (two instances minted one id). Never silent: counted, shown in /readyz, and
         each logged whole, so a human can restore it."""
         self.id_collisions += len(collisions)
+        metrics.ID_COLLISIONS.inc(len(collisions))
         for c in collisions:
             log.error(
                 "store: comment id %d is already another comment's; not stored: %s",
                 c.id,
                 c.encode().decode(),
             )
-
-    async def _backoff(self, delay: float) -> float:
-        """Sleep a jittered, doubling delay capped at retry_max; return the new delay."""
-        delay = min(self._retry_max, max(0.05, delay * 2))
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        return delay
 
     def _mark_store(self, ok: bool, error: Exception | None = None) -> None:
         if ok and not self.store_ok:
@@ -258,3 +175,42 @@ class Comments:
             "last_error": None if self.store_ok else self.last_flush_error,
             "queue_error": self.queue.write_error,
         }
+
+
+@asynccontextmanager
+async def run_durable_log(
+    settings: Settings, stop_deadline: Callable[[], float | None]
+) -> AsyncIterator[DurableLog]:
+    """The queue open (its unflushed comments replayed), the store opened if it answers, the
+    flusher running; on the way out, flush until `stop_deadline()` (a loop time: what is left
+    of server.shutdown_timeout) and close. What is not flushed by then stays queued on disk."""
+    queue = WriteAheadQueue(settings.queue.dir, settings.queue.max_bytes)
+    await queue.open()
+    store = open_store(settings.store.url)
+    durable = DurableLog(queue, store, settings.queue.flush_batch, settings.queue.retry_max)
+    # If the database is down, start anyway: the queue takes comments and the flusher keeps
+    # trying to open the store.
+    await durable.try_open_store()
+    durable.export_metrics()
+    flusher = asyncio.create_task(durable.open_and_flush_worker(), name="flush-worker")
+    log.info(
+        "store: %s, queue: %s (%d unflushed)",
+        redact_url(settings.store.url),
+        settings.queue.dir,
+        queue.depth,
+    )
+    try:
+        yield durable
+    finally:
+        deadline = stop_deadline()
+        loop = asyncio.get_running_loop()
+        left = settings.server.shutdown_timeout if deadline is None else deadline - loop.time()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                await queue.wait_empty()
+        except TimeoutError:
+            log.warning("shutdown: %d comments stay queued for the next start", queue.depth)
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        await queue.close()
+        await store.close()

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from livecomments.model.comment import Comment
-from livecomments.storage.log import COLUMNS, PageQuery, different_from_stored, page_sql
+from livecomments.storage.base import COLUMNS, PageQuery, different_from_stored, page_sql
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import aiosqlite
 
 from livecomments.model.comment import Comment
 from livecomments.model.ids import wall_clock_ms
-from livecomments.storage.log import COLUMNS, PageQuery, different_from_stored, page_sql
+from livecomments.storage.base import COLUMNS, PageQuery, different_from_stored, page_sql
+from livecomments.urls import sqlite_path
 
 # Seconds to wait for another connection that holds the file's locks.
 BUSY_TIMEOUT = 5.0
@@ -59,13 +60,6 @@ IN_CHUNK = 500
 def sql_param(_: int) -> str:
     """SQLite's placeholder (positional)."""
     return "?"
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///rel/path.db` is relative to the working directory, `sqlite:////abs` absolute."""
-    if not url.startswith("sqlite:///") or url == "sqlite:///":
-        raise ValueError(f"expected sqlite:///path, got {url!r}")
-    return url[len("sqlite:///") :]
 
 
 class SQLiteStore:

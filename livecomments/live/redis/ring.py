@@ -7,8 +7,8 @@ depends on nothing but the list of servers and the post id:
   the UTF-8 text, read as a big-endian unsigned 64-bit integer. It is the same in every process
   and on every platform; Python's `hash()` is salted per process and must never be used here.
 * Each server is placed on the ring at `VNODES` points, `stable_hash(f"{key}#{i}")` for
-  i in 0..VNODES-1, where `key` is the server's URL without its password (`node_key`): changing
-  a password does not move posts, and the order of the list does not matter.
+  i in 0..VNODES-1, where `key` is the server's URL without its password (`urls.redact_url`):
+  changing a password does not move posts, and the order of the list does not matter.
 * A post belongs to the first point clockwise from `stable_hash(post_id)`.
 
 Adding one server to N moves about 1/(N+1) of the posts, all of them to the new server; removing
@@ -21,7 +21,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable
-from urllib.parse import urlsplit, urlunsplit
+
+from livecomments.urls import redact_url
 
 # Points per server: more points, smoother shares, a bigger (still tiny) table to search.
 VNODES = 160
@@ -30,15 +31,6 @@ VNODES = 160
 def stable_hash(text: str) -> int:
     """The ring's hash: BLAKE2b-64 of the UTF-8 text, big-endian. Identical in every process."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-def node_key(url: str) -> str:
-    """A server's name on the ring and in logs: its URL without user name or password."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 class Ring:
@@ -52,7 +44,7 @@ class Ring:
             raise ValueError("a ring needs at least one server")
         points: list[tuple[int, str]] = []
         for url in self.urls:
-            key = node_key(url)
+            key = redact_url(url)
             points.extend((stable_hash(f"{key}#{i}"), url) for i in range(vnodes))
         # Ties (two points with one hash) are broken by URL, so every instance agrees on them.
         points.sort()

@@ -1,0 +1,143 @@
+"""The WebSocket side of the API: `GET /v1/ws[?post_id=P]`, JSON text frames both ways.
+
+A socket becomes a `Conn` (live/conn.py: its bounded outbox) and joins the hub (live/hub.py)
+for each post it subscribes to; from then on the hub writes to it, and this module only reads:
+subscribe, unsubscribe, ping. Every event sent is built by live/events.py. Bad input gets an
+`error` event and the socket stays open; a binary frame closes it with 1003, a frame over
+`limits.ws_frame_max_bytes` with 1009.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from livecomments import metrics
+from livecomments.api.errors import ApiError
+from livecomments.api.keys import BATCHER, CONNS, HUB, LIFECYCLE, SETTINGS
+from livecomments.live import events
+from livecomments.live.conn import (
+    CLOSE_NORMAL,
+    CLOSE_UNSUPPORTED_DATA,
+    Conn,
+    pong_frame,
+    text_frame,
+)
+from livecomments.live.hub import TooManyPosts
+from livecomments.model.comment import check_key
+
+log = logging.getLogger(__name__)
+
+_PONG = text_frame(events.PONG)
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """Upgrade, subscribe to `?post_id=` if given, read until the socket ends, leave the hub."""
+    app = request.app
+    settings = app[SETTINGS]
+    if app[LIFECYCLE].stopping:
+        raise ApiError(503, "shutting_down", "this instance is shutting down; reconnect elsewhere")
+    if len(app[CONNS]) >= settings.limits.max_connections:
+        raise ApiError(503, "too_many_connections", "this instance is at its connection limit")
+    first_post = None
+    if "post_id" in request.query:
+        first_post = check_key("post_id", request.query["post_id"], settings.limits.id_max_chars)
+    ws = web.WebSocketResponse(
+        # Pings are ours (live/heartbeat.py): one worker for every socket, and a pong must reach
+        # the read loop to count as a sign of life.
+        heartbeat=None,
+        autoping=False,
+        # The read loop ends on the peer's close and conn.close_soon answers it, after the
+        # frames already offered: aiohttp's own answer would go out before them.
+        autoclose=False,
+        # aiohttp refuses a message of max_msg_size bytes itself (it checks `>=`); ours is the
+        # largest one taken, as config.toml says.
+        max_msg_size=settings.limits.ws_frame_max_bytes + 1,
+        # Never negotiated: live/conn.py writes one pre-built frame to every socket.
+        compress=False,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the peer left during the handshake
+        return ws
+    conn = Conn(ws, transport, app[BATCHER], settings.websocket.outbox_max_bytes)
+    app[CONNS].add(conn)
+    metrics.WS_CONNECTIONS_ACCEPTED.inc()
+    try:
+        if first_post is not None:
+            await _subscribe(app, conn, first_post)
+        await _read_loop(app, conn)
+    finally:
+        app[CONNS].discard(conn)
+        await app[HUB].leave(conn, conn.posts)
+        conn.close_soon(CLOSE_NORMAL, b"")
+        await conn.wait_closed()
+        conn.forget_exception()
+    return ws
+
+
+async def _read_loop(app: web.Application, conn: Conn) -> None:
+    loop = asyncio.get_running_loop()
+    async for msg in conn.ws:
+        conn.heard(loop.time())
+        if msg.type == WSMsgType.PING:
+            conn.offer(pong_frame(msg.data))
+        elif msg.type == WSMsgType.TEXT:
+            await _on_text(app, conn, msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            conn.close_soon(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported")
+            return
+        if conn.closing:
+            return
+
+
+async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
+    try:
+        event: Any = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _send_error(conn, "invalid_json", "frames must be JSON objects")
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return _send_error(conn, "invalid_event", 'events are objects with a string "type"')
+    kind = event["type"]
+    if kind == "ping":
+        conn.offer(_PONG)
+        return None
+    if kind not in ("subscribe", "unsubscribe"):
+        return _send_error(conn, "unknown_type", f"unknown event type {kind[:64]!r}")
+    try:
+        post_id = check_key("post_id", event.get("post_id"), app[SETTINGS].limits.id_max_chars)
+    except ApiError as e:
+        return _send_error(conn, e.code, e.message)
+    assert post_id is not None
+    if kind == "subscribe":
+        await _subscribe(app, conn, post_id)
+    else:
+        conn.posts.discard(post_id)
+        await app[HUB].unsubscribe(conn, post_id)
+        conn.offer(text_frame(events.unsubscribed(post_id)))
+    return None
+
+
+async def _subscribe(app: web.Application, conn: Conn, post_id: str) -> None:
+    limit = app[SETTINGS].limits.posts_per_socket
+    if post_id not in conn.posts and len(conn.posts) >= limit:
+        return _send_error(conn, "too_many_posts", f"a socket may watch at most {limit} posts")
+    try:
+        await app[HUB].subscribe(conn, post_id)
+    except TooManyPosts as e:
+        return _send_error(conn, "too_many_posts", str(e))
+    except Exception as e:
+        log.warning("hub: subscribe %s failed: %s", post_id, e)
+        return _send_error(conn, "subscribe_failed", "cannot follow this post right now")
+    conn.posts.add(post_id)
+    conn.offer(text_frame(events.subscribed(post_id)))
+    return None
+
+
+def _send_error(conn: Conn, code: str, message: str) -> None:
+    metrics.WS_ERRORS.labels(code).inc()
+    conn.offer(text_frame(events.error(code, message)))

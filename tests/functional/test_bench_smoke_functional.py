@@ -1,0 +1,149 @@
+"""The benchmark harness works: its parts on known input, and a whole run on a tiny load.
+
+No benchmark runs here (`make bench` does that); the smoke run takes a few sockets and a few
+comments per scenario and checks that everything was measured and every process was stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.hist import Histogram
+from bench.leanws import LcSocket, SioSocket, Tally
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_SOCKETIO = importlib.util.find_spec("socketio") is not None
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    n = len(payload)
+    head = bytes((0x80 | opcode, n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 126, n)
+    return head + payload
+
+
+def comment_event(sent_ns: int) -> dict:
+    message = f"~{sent_ns}~" + "x" * 80
+    return {"id": "1", "post_id": "p", "uid": "u", "message": message, "created_at": 0}
+
+
+def test_histogram_percentiles_are_within_one_percent():
+    h = Histogram()
+    for us in range(1, 100_001):
+        h.add(us)
+    assert h.percentile_ms(50) == pytest.approx(50.0, rel=0.01)
+    assert h.percentile_ms(99) == pytest.approx(99.0, rel=0.01)
+    assert h.percentile_ms(99.9) == pytest.approx(99.9, rel=0.01)
+    merged = Histogram()
+    merged.merge_pairs(h.pairs(), h.max_us)
+    assert merged.summary() == h.summary()
+
+
+async def test_frames_cut_anywhere_are_counted_once_and_pings_answered():
+    sent = 1_000_000_000
+    stream = (
+        frame(orjson.dumps({"type": "comment", "comment": comment_event(sent)}))
+        + frame(b"hi", opcode=0x9)  # a ping
+        + frame(
+            orjson.dumps(
+                {"type": "comments", "post_id": "p", "comments": [comment_event(sent)] * 2}
+            )
+        )
+        + frame(orjson.dumps({"type": "comment", "comment": comment_event(sent)}))
+    )
+    for cut in range(1, len(stream)):
+        tally = Tally()
+        tally.reset(0)
+        sock = LcSocket(1, ["p"], tally, probe=True)
+        transport = FakeTransport()
+        sock.transport = transport  # type: ignore[assignment]
+        sock.open = sock.upgraded = True
+        sock.arrived_ns = sent + 2_000_000
+        sock.data_received(stream[:cut])
+        sock.data_received(stream[cut:])
+        assert tally.deliveries == 4, cut
+        assert tally.samples == 3, cut  # one latency sample per comment event read
+        assert tally.histogram().percentile_ms(50) == pytest.approx(2.0, rel=0.01)
+        assert transport.written == [bytes((0x8A, 0x82)) + b"\0\0\0\0hi"], cut  # the pong
+
+
+async def test_socketio_dialect_handshake_joins_and_pongs():
+    tally = Tally()
+    sock = SioSocket(1, ["a", "b"], tally)
+    transport = FakeTransport()
+    sock.transport = transport  # type: ignore[assignment]
+    sock.open = True
+    sock.data_received(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + frame(b'0{"sid":"x"}'))
+    sock.data_received(frame(b'40{"sid":"y"}') + frame(b"2"))
+    sent = [w[6:] for w in transport.written]  # 2 header bytes, the mask key 0, the payload
+    assert sent == [b"40", b'420["join","a"]', b'421["join","b"]', b"3"]
+    sock.data_received(frame(b'430["ok"]') + frame(b'431["ok"]'))
+    assert sock.ready.done() and sock.ready.exception() is None
+    event = b'42["comment",' + orjson.dumps(comment_event(5)) + b"]"
+    sock.data_received(frame(event))
+    assert tally.deliveries == 1
+
+
+def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
+    servers = "livecomments,socketio" if HAS_SOCKETIO else "livecomments"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--scale", "smoke", "--servers", servers),
+            *("--out", str(tmp_path), "--no-markdown"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
+    (path,) = tmp_path.glob("*-smoke.json")
+    results = json.loads(path.read_text())
+    scenarios = results["scenarios"]
+    for server in servers.split(","):
+        hot = scenarios["hot_post"][server]["10"]
+        assert hot["steps"], hot
+        for step in hot["steps"]:
+            assert step["arrived"] == 1.0, step
+            assert step["latency"]["n"] > 0, step
+            assert step["loadgen_cpu"] >= 0
+        many = scenarios["many_posts"][server]["step"]
+        assert many["arrived"] == 1.0, many
+        assert many["latency"]["n"] > 0, many
+        idle = scenarios["idle"][server]
+        assert idle["held_after_hold"] == 20, idle
+        assert idle["rss_per_socket_kib"] is not None
+    ingest = scenarios["ingest"]["livecomments"]
+    assert ingest["fsync"]["n"] == 10
+    for level in ingest["concurrency"].values():
+        assert level["ok"] > 0 and level["statuses"] == {"201": level["ok"]}, level
+    assert not [name for name, s in scenarios.items() if "error" in s]
+    # Every process the harness started was stopped, and it knows each one's exit status.
+    assert results["processes"]
+    assert all(p["exit"] is not None for p in results["processes"]), results["processes"]
+    assert "| Scenario |" in done.stdout.decode()

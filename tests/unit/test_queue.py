@@ -1,0 +1,210 @@
+"""The write-ahead queue: durable on return, group commit, bounded, and it survives damage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from livecomments.model.comment import Comment
+from livecomments.storage import queue_file as queue_module
+from livecomments.storage.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
+from tests.support.mounts import remount, tmpfs
+
+
+def comment(i: int, post: str = "p") -> Comment:
+    return Comment(i, post, "u", f"message {i}", None, None, 1_700_000_000_000 + i)
+
+
+async def open_queue(path: Path, max_bytes: int = 1 << 20) -> WriteAheadQueue:
+    q = WriteAheadQueue(path, max_bytes)
+    await q.open()
+    return q
+
+
+async def test_committed_comments_survive_a_reopen(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    for i in range(1, 6):
+        await q.enqueue(comment(i))
+    await q.ack([comment(1)])
+    await q.close()
+
+    q = await open_queue(tmp_path)
+    assert [c.id for c in q.oldest(100)] == [2, 3, 4, 5]
+    assert q.recovered_rows == 4
+    assert q.last_id == 5
+    await q.close()
+
+
+async def test_concurrent_enqueues_share_commits(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await asyncio.gather(*(q.enqueue(comment(i)) for i in range(1, 301)))
+    assert q.depth == 300
+    assert q.commits < 300 / 4, f"{q.commits} commits for 300 comments: no group commit"
+    await q.close()
+
+
+async def test_read_your_writes_index_by_post(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await asyncio.gather(*(q.enqueue(comment(i, post=f"p{i % 2}")) for i in range(1, 11)))
+
+    def page(n: int, before: int | None = None, after: int | None = None) -> list[int]:
+        return [c.id for c in q.pending_page("p1", n, before, after)]
+
+    assert page(100) == [1, 3, 5, 7, 9]
+    assert page(2) == [7, 9]
+    assert page(2, before=7) == [3, 5]
+    assert page(2, after=1) == [3, 5]
+    assert page(10, after=9) == []
+    assert q.pending_page("nobody", 5, None, None) == []
+    await q.ack([comment(3, "p1"), comment(5, "p1")])
+    assert page(100) == [1, 7, 9]
+    assert q.depth == 8
+    await q.close()
+
+
+async def test_full_queue_refuses_instead_of_accepting(tmp_path: Path):
+    size = len(comment(1).encode())
+    q = await open_queue(tmp_path, max_bytes=size * 3 + 10)
+    for i in range(1, 4):
+        await q.enqueue(comment(i))
+    with pytest.raises(QueueFull):
+        await q.enqueue(comment(4))
+    await q.ack([comment(1)])
+    await q.enqueue(comment(4))  # room again once something was flushed
+    assert q.depth == 3
+    await q.close()
+
+
+async def test_wait_empty_returns_once_everything_is_acked(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    waiter = asyncio.create_task(q.wait_empty())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await q.ack([comment(1)])
+    await asyncio.wait_for(waiter, 5)
+    await q.close()
+
+
+def snapshot_while_open(src: Path, dst: Path) -> None:
+    """What a crash leaves on disk: the main file and its WAL, uncheckpointed."""
+    dst.mkdir()
+    for name in (QUEUE_FILE, QUEUE_FILE + "-wal"):
+        shutil.copyfile(src / name, dst / name)
+
+
+async def test_garbage_after_the_last_commit_is_ignored(tmp_path: Path):
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    q = await open_queue(live)
+    for i in range(1, 21):
+        await q.enqueue(comment(i))
+    snapshot_while_open(live, crashed)
+    await q.close()
+    with open(crashed / (QUEUE_FILE + "-wal"), "ab") as f:
+        f.write(b"\x37\x7f\x06\x82" + b"torn half-written frame" * 50)
+
+    q = await open_queue(crashed)
+    assert [c.id for c in q.oldest(100)] == list(range(1, 21))
+    await q.close()
+
+
+async def test_a_torn_last_commit_keeps_every_earlier_commit(tmp_path: Path):
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    q = await open_queue(live)
+    for i in range(1, 11):
+        await q.enqueue(comment(i))  # acknowledged, one commit each
+    await q.enqueue(comment(11))
+    snapshot_while_open(live, crashed)
+    await q.close()
+    wal = crashed / (QUEUE_FILE + "-wal")
+    wal.write_bytes(wal.read_bytes()[:-200])  # the crash cut the last commit short
+
+    q = await open_queue(crashed)
+    ids = [c.id for c in q.oldest(100)]
+    assert ids[:10] == list(range(1, 11))  # every commit before the torn one survived
+    await q.close()
+
+
+async def test_a_file_that_is_not_a_database_is_set_aside(tmp_path: Path, caplog):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / QUEUE_FILE).write_bytes(b"this is not sqlite" * 100)
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    assert q.depth == 1
+    await q.close()
+    assert list(tmp_path.glob(f"{QUEUE_FILE}.corrupt-*"))
+    assert "integrity check" in caplog.text
+
+
+async def test_a_damaged_page_salvages_readable_rows(tmp_path: Path, caplog):
+    q = await open_queue(tmp_path)
+    for i in range(1, 2001):
+        await q.enqueue(comment(i, post=f"post-{i}"))
+    await q.close()  # checkpointed into the main file
+    path = tmp_path / QUEUE_FILE
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[page * 20 : page * 20 + 200] = b"\xff" * 200  # damage a leaf page of the queue table
+    path.write_bytes(bytes(data))
+
+    q = await open_queue(tmp_path)
+    ids = [c.id for c in q.oldest(10_000)]
+    await q.close()
+    assert "integrity check" in caplog.text
+    assert 1500 < len(ids) < 2000  # all but the rows of the damaged page
+    assert set(ids) <= set(range(1, 2001))
+    assert ids == sorted(ids)
+
+
+# -- what is not damage: another process, a lock, a read-only directory ------------------------
+
+
+async def test_a_second_queue_on_the_same_directory_is_refused_with_the_holders_pid(
+    tmp_path: Path,
+):
+    first = await open_queue(tmp_path)
+    try:
+        with pytest.raises(QueueUnusable, match=rf"{tmp_path}.*in use.*pid {os.getpid()}"):
+            await open_queue(tmp_path)
+    finally:
+        await first.close()
+    second = await open_queue(tmp_path)  # the lock went with the first
+    await second.close()
+
+
+async def test_a_healthy_file_locked_elsewhere_is_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(queue_module, "LOCK_WAIT", 0.3)
+    q = await open_queue(tmp_path)
+    await q.enqueue(comment(1))
+    await q.close()
+    other = sqlite3.connect(tmp_path / QUEUE_FILE, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # a backup tool, an sqlite3 shell
+    try:
+        with pytest.raises(QueueUnusable, match="locked by another process"):
+            await open_queue(tmp_path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not list(tmp_path.glob("*corrupt*"))
+    q = await open_queue(tmp_path)
+    assert [c.id for c in q.oldest(10)] == [1]
+    await q.close()
+
+
+async def test_a_read_only_directory_is_a_permission_message_not_damage(tmp_path: Path):
+    mount = tmp_path / "ro"
+    with tmpfs(mount, "1m"):
+        q = await open_queue(mount)
+        await q.enqueue(comment(1))
+        await q.close()
+        remount(mount, "ro")
+        with pytest.raises(QueueUnusable, match=r"read-only|not writable"):
+            await open_queue(mount)
+        assert not list(mount.glob("*corrupt*"))
