@@ -548,10 +548,11 @@ class Viewer:
             )
         state.offset = offset
         state.anchor = (epoch, offset)
-        first = state.positioned.get(cid)
-        if first is not None and first != (epoch, offset):
-            self.redelivered.append(Redelivery(state.post_id, cid, first, (epoch, offset)))
-        state.positioned[cid] = (epoch, offset)
+        if comment is not None:  # a delete names a comment's id; it is not a redelivery
+            first = state.positioned.get(cid)
+            if first is not None and first != (epoch, offset):
+                self.redelivered.append(Redelivery(state.post_id, cid, first, (epoch, offset)))
+            state.positioned[cid] = (epoch, offset)
         self._show_or_delete(state, cid, comment)
         if comment is None:
             self._record("deleted", state.post_id, epoch=epoch, offset=offset, id=cid)

@@ -382,6 +382,11 @@ async def test_a_delete_removes_the_comment_and_advances(cluster, make_viewer):
     await conn.send(type="delete", post_id="p", offset=2, id="1001")
     await wait_for(lambda: viewer.position("p") == ("e1", 2), STEP, "the delete")
     assert viewer.shown("p") == {}
+    assert viewer.redelivered == []
+    await conn.comment(1, None)  # a late copy of the deleted comment stays deleted
+    await conn.comment(2, 3)
+    await settle([viewer], {"p": ids(2)}, STEP)
+    assert set(viewer.shown("p")) == ids(2)
 
 
 async def test_settle_names_the_viewer_and_what_it_misses(cluster, make_viewer):
