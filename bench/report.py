@@ -1,7 +1,7 @@
 """What a run prints and writes: the table, the targets of issue 5, the JSON, BENCHMARKS.md.
 
 Everything here reads the results dict that run.py builds (and writes as JSON), so a table can
-be re-rendered from an old results file: `python -m bench.report bench/results/<date>.json`.
+be re-rendered from an old results file: `python -m bench.report bench/results/<name>.json`.
 """
 
 from __future__ import annotations
@@ -422,10 +422,20 @@ def profile_text(results: dict[str, Any]) -> str:
     return "\n\n".join(blocks)
 
 
-def results_path(results_dir: Path, results: dict[str, Any]) -> Path:
-    date = results["started"][:10]
-    suffix = "" if results["scale"] == "full" else f"-{results['scale']}"
-    return results_dir / f"{date}{suffix}.json"
+def results_path(results_dir: Path, started: str, scale: str) -> Path:
+    """`<date>-<hhmmss>[-<scale>].json` in `results_dir`, for a run started at `started`
+    (`%Y-%m-%dT%H:%M:%S%z`), never the name of a file already there: a second run on the same
+    day, or in the same second, gets its own file. Runs of the `quick` and `smoke` scales end in
+    `-quick`/`-smoke`, which `.gitignore` ignores; full runs' results are tracked (BENCHMARKS.md
+    cites them)."""
+    stem = started[:10] + "-" + started[11:19].replace(":", "")
+    suffix = "" if scale == "full" else f"-{scale}"
+    path = results_dir / f"{stem}{suffix}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = results_dir / f"{stem}-{n}{suffix}.json"
+    return path
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
@@ -573,11 +583,12 @@ livecomments does not read); everything else is the default of `config.toml`. Th
 ## Reproduce
 
 ```
-make bench        # every scenario (< 10 min): bench/results/<date>.json and this file
-make bench-quick  # a smaller run of each scenario (< 60 s): bench/results/<date>-quick.json
+make bench        # every scenario (< 10 min): bench/results/<date>-<hhmmss>.json and this file
+make bench-quick  # a smaller run of each scenario (< 60 s): bench/results/<...>-quick.json,
+                  # which git ignores (full runs' results are tracked)
 .venv/bin/python -m bench.run --help     # --only hot_post,idle, --servers livecomments,
                                          # --hot-sizes 10000, --profile (needs py-spy)
-.venv/bin/python -m bench.report bench/results/<date>.json   # the tables again
+.venv/bin/python -m bench.report bench/results/<name>.json   # the tables again
 ```
 
 Linux only (/proc, `taskset`, SO_TIMESTAMPNS), two CPUs or more; publish only figures from an
@@ -608,7 +619,7 @@ def _loadavg(values: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m bench.report bench/results/<date>.json", file=sys.stderr)
+        print("usage: python -m bench.report bench/results/<name>.json", file=sys.stderr)
         return 2
     results = orjson.loads(Path(args[0]).read_bytes())
     print(table(results))

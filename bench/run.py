@@ -1,8 +1,9 @@
 """`python -m bench.run [--quick]`: every benchmark scenario, then the table and the files.
 
-Writes `bench/results/<date>.json` (`<date>-quick.json` for `--quick`) and, for the full scale,
-`BENCHMARKS.md`. Exit status 0 when every scenario ran (whether or not the targets were met),
-1 when one failed or hit its time cap, 130 on Ctrl-C. Every process it started is stopped.
+Writes `bench/results/<date>-<hhmmss>.json` (`...-quick.json` for `--quick`, which git ignores)
+and, for the full scale, `BENCHMARKS.md`. Exit status 0 when every scenario ran (whether or not
+the targets were met), 1 when one failed or hit its time cap, 130 on Ctrl-C. Every process it
+started is stopped.
 """
 
 from __future__ import annotations
@@ -134,11 +135,13 @@ async def run(args: argparse.Namespace) -> int:
         check_settings()
     workdir = Path(tempfile.mkdtemp(prefix="livecomments-bench-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(scale, pinning, workdir, servers, args.out, args.profile, log, notes=notes)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = report.results_path(args.out, started_at, scale.name)
+    ctx = Context(scale, pinning, workdir, servers, path, args.profile, log, notes=notes)
     detail = asdict(scale) | {"pad": 80}
     results: dict[str, Any] = {
         "version": 1,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started_at,
         "scale": scale.name,
         "scale_detail": detail,
         "servers": list(servers),
@@ -170,7 +173,6 @@ async def run(args: argparse.Namespace) -> int:
         results["targets"] = report.targets(results)
         results["profiles"] = ctx.profiles
         results["processes"] = started_processes()
-        path = report.results_path(args.out, results)
         report.write_json(path, results)
         if failures or interrupted or args.keep_workdir:
             log(f"logs kept in {workdir}")

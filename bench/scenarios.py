@@ -212,7 +212,7 @@ class Context:
     pinning: Pinning
     workdir: Path
     servers: Servers
-    results_dir: Path
+    results_path: Path  # this run's results file; its other files (profiles) take its name
     profile: bool = False
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
     profiles: list[dict[str, Any]] = field(default_factory=list)
@@ -624,7 +624,8 @@ async def _profile_during(
     spy = _py_spy()
     if spy is None:
         return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
-    raw = ctx.results_dir / f"profile-{server.kind}-{time.strftime('%Y-%m-%d')}.txt"
+    results = ctx.results_path
+    raw = results.with_name(f"profile-{server.kind}-{results.stem}.txt")
     proc = await group.helper(
         "py-spy",
         [

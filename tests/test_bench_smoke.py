@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench import report
 from bench.hist import Histogram
 from bench.leanws import LcSocket, SioSocket, Tally
 
@@ -107,6 +108,38 @@ async def test_socketio_dialect_handshake_joins_and_pongs():
     event = b'42["comment",' + orjson.dumps(comment_event(5)) + b"]"
     sock.data_received(frame(event))
     assert tally.deliveries == 1
+
+
+def test_a_second_run_the_same_day_gets_its_own_results_file(tmp_path: Path):
+    morning = report.results_path(tmp_path, "2026-11-24T09:05:01+0000", "full")
+    morning.write_text("{}")
+    evening = report.results_path(tmp_path, "2026-11-24T21:40:00+0000", "full")
+    assert morning.name == "2026-11-24-090501.json"
+    assert evening.name == "2026-11-24-214000.json"
+    # Even two runs started in the same second do not overwrite each other.
+    assert report.results_path(tmp_path, "2026-11-24T09:05:01+0000", "full") != morning
+    assert report.results_path(tmp_path, "2026-11-24T09:05:01+0000", "quick").name == (
+        "2026-11-24-090501-quick.json"
+    )
+
+
+def test_quick_results_are_ignored_by_git_and_full_results_are_not():
+    results = REPO / "bench" / "results"
+
+    def ignored(path: Path) -> bool:
+        rel = str(path.relative_to(REPO))
+        done = subprocess.run(["git", "check-ignore", "-q", rel], cwd=REPO, check=False)
+        assert done.returncode in (0, 1), done
+        return done.returncode == 0
+
+    started = "2026-11-24T09:05:01+0000"
+    for scale in ("quick", "smoke"):
+        path = report.results_path(results, started, scale)
+        assert ignored(path), path
+        assert ignored(path.with_name(f"profile-livecomments-{path.stem}.txt")), path
+    full = report.results_path(results, started, "full")
+    assert not ignored(full)
+    assert not ignored(full.with_name(f"profile-livecomments-{full.stem}.txt"))
 
 
 def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
