@@ -6,6 +6,7 @@ comments per scenario and checks that everything was measured and every process 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import struct
@@ -19,6 +20,7 @@ import pytest
 from bench import report
 from bench.hist import Histogram
 from bench.leanws import LcSocket, SioSocket, Tally
+from bench.scenarios import SCALES
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_SOCKETIO = importlib.util.find_spec("socketio") is not None
@@ -108,6 +110,70 @@ async def test_socketio_dialect_handshake_joins_and_pongs():
     event = b'42["comment",' + orjson.dumps(comment_event(5)) + b"]"
     sock.data_received(frame(event))
     assert tally.deliveries == 1
+
+
+def hot_run(sustained: int, peak: int) -> dict:
+    latency = {"n": 10, "p50_ms": 1.0, "p99_ms": 2.0, "p99_9_ms": 3.0}
+    step = {"target_deliveries_per_s": 2500, "deliveries_per_s": 2000, "latency": latency}
+    return {
+        "sustained_deliveries_per_s": sustained,
+        "peak_throughput_per_s": peak,
+        "steps": [step],
+        "limited_by": ["server"],
+    }
+
+
+def many_latency(p99_ms: float) -> dict:
+    return {"n": 9, "p50_ms": p99_ms / 2, "p99_ms": p99_ms, "p99_9_ms": p99_ms}
+
+
+def quick_results() -> dict:
+    """What `make bench-quick` records, cut to what the report reads."""
+    return {
+        "scale": "quick",
+        "scale_detail": dataclasses.asdict(SCALES["quick"]),
+        "scenarios": {
+            "hot_post": {
+                "livecomments": {"1000": hot_run(5000, 59371)},
+                "socketio": {"1000": hot_run(0, 9221)},
+            },
+            "many_posts": {
+                "livecomments": {"step": {"latency": many_latency(6.559)}},
+                "socketio": {"step": {"latency": many_latency(1383.75)}},
+            },
+            "idle": {
+                "livecomments": {"rss_per_socket_kib": 15.38, "held_after_hold": 1000},
+                "socketio": {"rss_per_socket_kib": 30.24, "held_after_hold": 1000},
+            },
+        },
+    }
+
+
+def test_quick_mode_says_what_it_did_not_try_instead_of_no():
+    results = quick_results()
+    met = {t["target"]: t for t in report.targets(results)}
+    sockets = met["10,000 concurrent sockets held by one process"]
+    assert (sockets["met"], sockets["pass"]) == ("not tried in quick mode", None)
+    assert sockets["measured"] == "1,000 of 1,000 held"
+    ratio = met[">= 3x python-socketio on the hot post (every size)"]
+    assert ratio["met"] == "not tried in quick mode"
+    assert "5,000, 10,000: not tried in quick mode" in ratio["measured"]
+    ingest = met[">= 5,000 durable comments/s at concurrency 50, ack p99 <= 20 ms"]
+    assert ingest["met"] == "not tried in quick mode"  # the ingest scenario was left out
+    table = report.targets_table(results)
+    assert "| 1,000 of 1,000 held | not tried in quick mode |" in table
+    # What was tried and failed is still a NO.
+    results["scenarios"]["idle"]["livecomments"]["rss_per_socket_kib"] = 25.0
+    assert "| 25.0 KiB (1,000 sockets) | NO |" in report.targets_table(results)
+
+
+def test_ratios_with_a_zero_or_tiny_denominator_print_something_meaningful():
+    text = report.table(quick_results())
+    assert "inf" not in text
+    sustained = next(line for line in text.splitlines() if "sustained deliveries/s" in line)
+    assert sustained.endswith("| 5,000 | 0 | n/a: theirs is 0 |"), sustained
+    assert "| 0.0047x (p99) |" in text  # not "0.00x"
+    assert "| 6.44x |" in text  # peaks: 59,371 / 9,221
 
 
 def test_a_second_run_the_same_day_gets_its_own_results_file(tmp_path: Path):
