@@ -281,6 +281,36 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
+    async def run_once(
+        self,
+        name: str,
+        role: str,
+        argv: list[str],
+        within: float,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, str, float]:
+        """Run a tool to its end on `role`'s CPUs (`loadgen` or `server`): its exit status, its
+        output (stdout and stderr), and the CPU seconds it used. Killed after `within` seconds.
+
+        Its CPU comes from RUSAGE_CHILDREN, which counts a child once it is reaped: the caller
+        must have no other child ending meanwhile (a scenario's servers and workers end later).
+        """
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process, log_path = await self._spawn(name, role, argv, env, pipes=False)
+        proc = Proc(name, process, log_path)
+        self.procs.append(proc)
+        try:
+            code = await asyncio.wait_for(process.wait(), within)
+        except TimeoutError:
+            tail = proc.log_tail()
+            raise WorkerError(f"{name} did not finish within {within:g} s:\n{tail}") from None
+        finally:
+            await proc.stop()
+            self.procs.remove(proc)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return code, proc.log_tail(100_000), cpu
+
     async def server(self, name: str, argv: list[str], env: dict[str, str], port: int) -> Proc:
         """Start a server and wait until `GET /healthz` answers 200."""
         process, log_path = await self._spawn(name, "server", argv, env, pipes=False)

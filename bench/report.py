@@ -220,6 +220,9 @@ def table(results: dict[str, Any]) -> str:
                 "",
             )
         )
+    wrk = ing.get("wrk")
+    if wrk:
+        rows.append(("", *_wrk_row(wrk), "n/a", ""))
     if ing.get("fsync"):
         f = ing["fsync"]
         rows.append(
@@ -277,6 +280,77 @@ def _target(
     out with --only), which is not a failure and is not reported as one."""
     said = _not_tried(results) if met is None else ("yes" if met else "NO")
     return {"target": target, "measured": measured, "pass": met, "met": said}
+
+
+def _wrk_row(wrk: dict[str, Any]) -> tuple[str, str]:
+    """(measure, figure) of the wrk ingest run, or why it did not run."""
+    if wrk.get("skipped"):
+        return "wrk: not measured", str(wrk["skipped"])
+    connections = wrk["connections"]
+    ack = wrk["ack"]
+    return (
+        f"concurrency {connections}, measured by wrk ({wrk['posts']} posts): comments/s; "
+        "ack p50 / p99 ms",
+        f"{_n(wrk['comments_per_s'])}; {ack['p50_ms']} / {ack['p99_ms']}",
+    )
+
+
+def _speed(speed: Any) -> str:
+    return f"{speed['unit_ms']}" if isinstance(speed, dict) else "?"
+
+
+def ingest_comparison(results: dict[str, Any]) -> str:
+    """The harness's ingest level beside wrk's run at the same concurrency, with what differs
+    between them and what each cost: the section that explains the two figures."""
+    ing = _get(results, "scenarios", "ingest", OURS) or {}
+    wrk = ing.get("wrk")
+    if not wrk:
+        return ""
+    if wrk.get("skipped"):
+        return f"### Ingest: the harness beside wrk\n\nNot measured: {wrk['skipped']}.\n"
+    connections = wrk["connections"]
+    level = _get(ing, "concurrency", str(connections)) or {}
+    head = (
+        "| Load generator | Command | comments/s | ack p50 / p99 / p99.9 ms | server CPU "
+        "(cores) | load generator CPU (cores) | CPU speed before (ms/unit) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    if level:
+        lines.append(
+            f"| harness (`bench/leanhttp.py`), 1 post | `make bench`, concurrency {connections}"
+            f" | {_n(level['comments_per_s'])} | {_lat(level['ack'])} | "
+            f"{_n(level['server_cpu'], 2)} | {_n(level['loadgen_cpu'], 2)} | "
+            f"{_speed(level.get('cpu_speed'))} |"
+        )
+    lines.append(
+        f"| wrk, {wrk['posts']} posts | `{wrk['command']}` | {_n(wrk['comments_per_s'])} | "
+        f"{_lat(wrk['ack'])} | {_n(wrk['server_cpu'], 2)} | {_n(wrk['loadgen_cpu'], 2)} | "
+        f"{_speed(wrk.get('cpu_speed'))} |"
+    )
+    ratio = _ratio(wrk["comments_per_s"], level.get("comments_per_s"))
+    this_run = f"In this run wrk measured {_times(ratio)} the harness's rate. " if ratio else ""
+    checks = (
+        f"wrk saw {wrk['status_errors']} error statuses and {wrk['socket_errors']} socket "
+        f"errors; the server counted {_n(wrk.get('accepted_by_server'))} comments accepted "
+        f"for wrk's {_n(wrk['requests'])} completed requests."
+    )
+    return f"""### Ingest: the harness beside wrk
+
+{chr(10).join(lines)}
+
+Both load generators keep {connections} keep-alive connections with one request in flight
+each (no pipelining), run on the load generators' core, and post to the same server one right
+after the other. They differ in what issue 8 suspected: wrk spreads 100-character messages over
+{wrk["posts"]} posts and times a request from its write to its last byte read; the harness posts
+to one post and times from building the request to parsing its status. Changed one at a time
+(issue 8, interleaved on one server), none of these moved the rate beyond the run-to-run noise
+(+-15%); running wrk unpinned or on the server's core cost 15-22%. What did move it is the
+machine: on a shared VM the same CPU work takes up to twice the CPU time at times
+(`bench/calibrate.py`, last column), and every figure scales with it. That is why the harness's
+6,975/s of 2026-11-24 and an outside wrk run's 3,800-4,250/s disagreed: measured days apart at
+different CPU speeds, not by different tools.
+{this_run}{checks}
+"""
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -524,7 +598,11 @@ commit `{m.get("commit", "?")}`), its raw results are `bench/results/{json_name}
 not the server: {_pct(fs, "mean")} on average over the measured steps, {_pct(fs, "max")} at worst;
 of the load generators' CPU: {_pct(fl, "mean")}, {_pct(fl, "max")} at worst. Load average
 {_loadavg(nz.get("loadavg_start"))} at the start, {_loadavg(nz.get("loadavg_end"))} at the end.
-Figures from a noisy run are low and wide; compare runs only on a quiet machine.
+CPU speed: a fixed unit of Python work (`bench/calibrate.py`) took
+{_speed(results.get("cpu_speed_start"))} ms of CPU on the server's core at the start,
+{_speed(results.get("cpu_speed_end"))} ms at the end (lower is faster; a shared VM's CPU can
+halve its speed without looking busier). Figures from a noisy or slow run are low and wide;
+compare runs only on a quiet machine at the same CPU speed.
 {_notes(results)}
 ## Results
 
@@ -538,6 +616,7 @@ for large audiences, i.e. how long one fan-out takes. A sustained rate of 0 mean
 passed: even one comment's fan-out took longer than {P99_BUDGET_MS:g} ms at p99.
 python-socketio has no durable write, so ingest has no peer figure.
 
+{ingest_comparison(results)}
 ### Targets (issue 5, per server process on one core)
 
 {targets_table(results)}
@@ -597,7 +676,10 @@ figure the server's capacity, "loadgen" makes it a lower bound.
   livecomments means the comment is fsync'd in the write-ahead queue. In the same run,
   {d.get("fsync_n")} x (append 256 bytes + `os.fsync`) in the queue's directory measure the
   disk's floor under an ack; group commit shares one fsync among concurrent POSTs, so comments/s
-  can exceed fsyncs/s.
+  can exceed fsyncs/s. Right after the level of concurrency {d.get("wrk_connections")}, on the
+  same server, wrk posts for {d.get("wrk_s")} s with `bench/wrk_post.lua` (skipped, and said so,
+  when wrk is not installed). Before each level and before wrk, `bench/calibrate.py` times a
+  fixed unit of Python work on the server's core.
 * **4. Idle.** 16 sockets open and close first (warm-up), then the server's VmRSS is read,
   {_n(d.get("idle_n"))} sockets subscribe ({_n(d.get("idle_posts"))} posts), and VmRSS is read
   again {d.get("idle_settle_s")} s later: per socket = (after - before) / sockets. The sockets
@@ -629,6 +711,7 @@ livecomments does not read); everything else is the default of `config.toml`. Th
 | Kernel | {m.get("kernel")} |
 | Python | {m.get("python")} |
 | Packages | {m.get("packages")} |
+| wrk | {m.get("wrk", "?")} |
 | Descriptors per process | {m.get("nofile")} |
 
 ## Reproduce
@@ -642,10 +725,11 @@ make bench-quick  # a smaller run of each scenario (< 60 s): bench/results/<...>
 .venv/bin/python -m bench.report bench/results/<name>.json   # the tables again
 ```
 
-Linux only (/proc, `taskset`, SO_TIMESTAMPNS), two CPUs or more; publish only figures from an
-otherwise idle machine. The harness raises its RLIMIT_NOFILE to the hard limit (inherited by
-every process it starts), stops every process it started on exit, error or Ctrl-C, and caps
-each scenario in time ({caps}).
+Linux only (/proc, `taskset`, SO_TIMESTAMPNS), two CPUs or more, and `wrk` for the standard
+tool's ingest figure (`apt-get install wrk`); publish only figures from an otherwise idle
+machine. The harness raises its RLIMIT_NOFILE to the hard limit (inherited by every process it
+starts), stops every process it started on exit, error or Ctrl-C, and caps each scenario in
+time ({caps}).
 
 ## What these numbers do not say
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.hist import Histogram
 from bench.leanws import Dialect
 from bench.procs import (
@@ -74,6 +76,9 @@ class Scale:
     many_s: float
     ingest_concurrency: tuple[int, ...]
     ingest_s: float
+    wrk_connections: int  # wrk runs right after the harness's level of this concurrency
+    wrk_s: int  # whole seconds: wrk's -d takes no fraction
+    calibrate_units: int  # units of bench/calibrate.py per CPU speed measurement
     fsync_n: int
     idle_n: int
     idle_posts: int
@@ -112,6 +117,9 @@ SCALES: dict[str, Scale] = {
         many_s=6.0,
         ingest_concurrency=(1, 50, 200),
         ingest_s=5.0,
+        wrk_connections=50,
+        wrk_s=10,
+        calibrate_units=10,
         fsync_n=200,
         idle_n=10_000,
         idle_posts=1000,
@@ -120,7 +128,12 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=2,
         poster_connections=256,
         quiet_s=3.0,
-        caps={"hot_post": 330.0, "many_posts": 110.0, "ingest": 40.0, "idle": 100.0},
+        caps={
+            "hot_post": 330.0,
+            "many_posts": 110.0,
+            "ingest": 70.0,
+            "idle": 100.0,
+        },
     ),
     "quick": Scale(
         name="quick",
@@ -135,6 +148,9 @@ SCALES: dict[str, Scale] = {
         many_s=1.5,
         ingest_concurrency=(1, 50, 200),
         ingest_s=1.0,
+        wrk_connections=50,
+        wrk_s=2,
+        calibrate_units=5,
         fsync_n=50,
         idle_n=1000,
         idle_posts=100,
@@ -143,7 +159,12 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=2,
         poster_connections=64,
         quiet_s=1.0,
-        caps={"hot_post": 30.0, "many_posts": 15.0, "ingest": 10.0, "idle": 20.0},
+        caps={
+            "hot_post": 30.0,
+            "many_posts": 15.0,
+            "ingest": 20.0,
+            "idle": 20.0,
+        },
     ),
     "smoke": Scale(
         name="smoke",
@@ -158,6 +179,9 @@ SCALES: dict[str, Scale] = {
         many_s=0.4,
         ingest_concurrency=(1, 4),
         ingest_s=0.4,
+        wrk_connections=4,
+        wrk_s=1,
+        calibrate_units=2,
         fsync_n=10,
         idle_n=20,
         idle_posts=5,
@@ -166,7 +190,12 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=1,
         poster_connections=4,
         quiet_s=0.3,
-        caps={"hot_post": 20.0, "many_posts": 12.0, "ingest": 8.0, "idle": 10.0},
+        caps={
+            "hot_post": 20.0,
+            "many_posts": 12.0,
+            "ingest": 12.0,
+            "idle": 10.0,
+        },
     ),
 }
 
@@ -771,6 +800,58 @@ def fsync_floor(directory: Path, n: int, size: int = 256) -> dict[str, Any]:
     }
 
 
+WRK_SCRIPT = REPO / "bench" / "wrk_post.lua"
+WRK_POSTS = 100  # post ids wrk spreads its comments over (the harness posts to one)
+WRK_MESSAGE_CHARS = 100
+
+
+def wrk_command(connections: int, seconds: int, port: int) -> list[str]:
+    """The standard tool's ingest run, as an outsider would type it (bench/wrk_post.lua)."""
+    script = WRK_SCRIPT.relative_to(REPO)
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), _url(port)]
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The `wrk-result {...}` line that bench/wrk_post.lua's done() prints (the last one)."""
+    lines = [line for line in output.splitlines() if line.startswith("wrk-result ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result line:\n{output[-2000:]}")
+    raw: dict[str, int] = orjson.loads(lines[-1].removeprefix("wrk-result "))
+    seconds = raw["duration_us"] / 1e6
+    errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+    return {
+        "requests": raw["requests"],
+        "seconds": round(seconds, 3),
+        "comments_per_s": round(raw["requests"] / seconds, 1) if seconds else 0.0,
+        # wrk counts a status >= 400 as a status error; 201 and 200 look alike to it, which is
+        # why the server's own count of accepted comments is set beside `requests`.
+        "status_errors": raw["status_errors"],
+        "socket_errors": errors,
+        "ack": {
+            "n": raw["requests"],
+            "p50_ms": raw["p50_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000,
+            "p99_9_ms": raw["p99_9_us"] / 1000,
+            "max_ms": raw["max_us"] / 1000,
+        },
+    }
+
+
+async def cpu_speed(group: ProcGroup, tag: str, units: int) -> dict[str, float] | None:
+    """bench/calibrate.py on the server's core: CPU ms per fixed unit of work (lower: faster)."""
+    argv = [sys.executable, "-m", "bench.calibrate", str(units)]
+    code, output, _ = await group.run_once(f"calibrate-{tag}", "server", argv, within=30)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        return None
+    speed: dict[str, float] = orjson.loads(lines[-1])
+    return speed
+
+
 async def ingest(ctx: Context, out: dict[str, Any]) -> None:
     scale = ctx.scale
     run: dict[str, Any] = out.setdefault("livecomments", {})
@@ -784,9 +865,12 @@ async def ingest(ctx: Context, out: dict[str, Any]) -> None:
         await poster.call(30, cmd="connect", port=server.port, connections=1, pad=PAD)
         levels: dict[str, Any] = run.setdefault("concurrency", {})
         for c in scale.ingest_concurrency:
+            speed = await cpu_speed(group, f"ingest-c{c}", scale.calibrate_units)
             server_cpu, loadgen_cpu = CpuMeter([server.proc.pid]), CpuMeter([poster.pid])
+            system = SystemMeter()
             server_cpu.start()
             loadgen_cpu.start()
+            system.start()
             reply = await poster.call(
                 scale.ingest_s + 30,
                 cmd="closed",
@@ -803,14 +887,68 @@ async def ingest(ctx: Context, out: dict[str, Any]) -> None:
                 "ack": ack.summary(),
                 "server_cpu": server_cpu.cores(),
                 "loadgen_cpu": loadgen_cpu.cores(),
+                "machine_cpu": system.stop(),
+                "cpu_speed": speed,
             }
             levels[str(c)] = level
             ctx.log(
                 f"  concurrency {c}: {level['comments_per_s']}/s, ack p50 "
                 f"{level['ack']['p50_ms']} p99 {level['ack']['p99_ms']} ms, "
-                f"server cpu {level['server_cpu']}, loadgen cpu {level['loadgen_cpu']}"
+                f"server cpu {level['server_cpu']}, loadgen cpu {level['loadgen_cpu']}, "
+                f"cpu speed {_unit_ms(speed)}"
             )
+            if c == scale.wrk_connections:
+                # Right after the harness's own level, on the same server: the two load
+                # generators are compared a few seconds apart, not a day apart.
+                run["wrk"] = await _wrk_ingest(ctx, group, server, c, scale.wrk_s)
         run["server_counters"] = await server_counters(server)
+
+
+def _unit_ms(speed: dict[str, float] | None) -> str:
+    return f"{speed['unit_ms']} ms/unit" if speed else "?"
+
+
+async def _wrk_ingest(
+    ctx: Context, group: ProcGroup, server: Server, connections: int, seconds: int
+) -> dict[str, Any]:
+    """wrk posting comments on the load generators' core, as the harness pins its own poster."""
+    if shutil.which("wrk") is None:
+        ctx.log("  wrk: skipped: wrk is not installed (apt-get install wrk); harness figures only")
+        return {"skipped": "wrk is not installed (apt-get install wrk)"}
+    argv = wrk_command(connections, seconds, server.port)
+    speed = await cpu_speed(group, "wrk", ctx.scale.calibrate_units)
+    before = await server_counters(server)
+    server_cpu, system = CpuMeter([server.proc.pid]), SystemMeter()
+    server_cpu.start()
+    system.start()
+    env = dict(os.environ, WRK_POSTS=str(WRK_POSTS), WRK_MESSAGE_CHARS=str(WRK_MESSAGE_CHARS))
+    code, output, wrk_cpu = await group.run_once("ingest-wrk", "loadgen", argv, seconds + 30, env)
+    wall = server_cpu.elapsed()
+    result = {
+        "command": " ".join(
+            group.pinning.prefix("loadgen") + argv[:-1] + ["http://127.0.0.1:PORT"]
+        ),
+        "connections": connections,
+        "posts": WRK_POSTS,
+        "message_chars": WRK_MESSAGE_CHARS,
+        "exit": code,
+        **parse_wrk(output),
+        "server_cpu": server_cpu.cores(),
+        "loadgen_cpu": round(wrk_cpu / wall, 3) if wall > 0 else 0.0,
+        "machine_cpu": system.stop(),
+        "cpu_speed": speed,
+    }
+    after = await server_counters(server)
+    key = "comments_accepted_total"
+    if key in before and key in after:
+        result["accepted_by_server"] = int(after[key] - before[key])
+    ack = result["ack"]
+    ctx.log(
+        f"  wrk -c{connections}: {result['comments_per_s']}/s, ack p50 {ack['p50_ms']} "
+        f"p99 {ack['p99_ms']} ms, server cpu {result['server_cpu']}, "
+        f"wrk cpu {result['loadgen_cpu']}, cpu speed {_unit_ms(speed)}"
+    )
+    return result
 
 
 # -- 4. idle -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,13 +18,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import report
+from bench import report, scenarios
 from bench.hist import Histogram
 from bench.leanws import LcSocket, SioSocket, Tally
 from bench.scenarios import SCALES
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_SOCKETIO = importlib.util.find_spec("socketio") is not None
+HAS_WRK = shutil.which("wrk") is not None
 
 
 class FakeTransport:
@@ -176,6 +178,42 @@ def test_ratios_with_a_zero_or_tiny_denominator_print_something_meaningful():
     assert "| 6.44x |" in text  # peaks: 59,371 / 9,221
 
 
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080
+  1 threads and 50 connections
+  36032 requests in 10.01s, 11.41MB read
+Requests/sec:   3599.80
+wrk-result {"requests":36032,"duration_us":10009500,"status_errors":0,"connect_errors":0,\
+"read_errors":0,"write_errors":0,"timeouts":0,"p50_us":13412,"p99_us":24788,"p99_9_us":30001,\
+"max_us":41234}
+""".replace("\\\n", "")
+
+
+def test_wrk_result_line_is_read_with_wrk_latencies_in_ms():
+    got = scenarios.parse_wrk(WRK_OUTPUT)
+    assert got["requests"] == 36032
+    assert got["comments_per_s"] == pytest.approx(3599.8, abs=0.1)
+    assert got["ack"]["p50_ms"] == 13.412 and got["ack"]["p99_ms"] == 24.788
+    assert got["status_errors"] == 0 and got["socket_errors"] == 0
+    with pytest.raises(RuntimeError, match="no result line"):
+        scenarios.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+async def test_without_wrk_the_ingest_scenario_says_it_skipped_wrk(monkeypatch):
+    lines: list[str] = []
+    ctx = scenarios.Context(SCALES["smoke"], None, REPO, (), REPO, log=lines.append)  # type: ignore[arg-type]
+    monkeypatch.setattr(scenarios.shutil, "which", lambda name: None)
+    got = await scenarios._wrk_ingest(ctx, None, None, 50, 1)  # type: ignore[arg-type]
+    assert got == {"skipped": "wrk is not installed (apt-get install wrk)"}
+    assert lines == [
+        "  wrk: skipped: wrk is not installed (apt-get install wrk); harness figures only"
+    ]
+    results = quick_results()
+    results["scenarios"]["ingest"] = {"livecomments": {"wrk": got}}
+    assert "| wrk: not measured | wrk is not installed (apt-get install wrk) |" in report.table(
+        results
+    )
+
+
 def test_a_second_run_the_same_day_gets_its_own_results_file(tmp_path: Path):
     morning = report.results_path(tmp_path, "2026-11-24T09:05:01+0000", "full")
     morning.write_text("{}")
@@ -223,25 +261,37 @@ def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     (path,) = tmp_path.glob("*-smoke.json")
     results = json.loads(path.read_text())
-    scenarios = results["scenarios"]
+    measured = results["scenarios"]
     for server in servers.split(","):
-        hot = scenarios["hot_post"][server]["10"]
+        hot = measured["hot_post"][server]["10"]
         assert hot["steps"], hot
         for step in hot["steps"]:
             assert step["arrived"] == 1.0, step
             assert step["latency"]["n"] > 0, step
             assert step["loadgen_cpu"] >= 0
-        many = scenarios["many_posts"][server]["step"]
+        many = measured["many_posts"][server]["step"]
         assert many["arrived"] == 1.0, many
         assert many["latency"]["n"] > 0, many
-        idle = scenarios["idle"][server]
+        idle = measured["idle"][server]
         assert idle["held_after_hold"] == 20, idle
         assert idle["rss_per_socket_kib"] is not None
-    ingest = scenarios["ingest"]["livecomments"]
+    ingest = measured["ingest"]["livecomments"]
     assert ingest["fsync"]["n"] == 10
     for level in ingest["concurrency"].values():
         assert level["ok"] > 0 and level["statuses"] == {"201": level["ok"]}, level
-    assert not [name for name, s in scenarios.items() if "error" in s]
+        assert level["cpu_speed"]["unit_ms"] > 0, level
+    wrk = ingest["wrk"]
+    if HAS_WRK:
+        assert wrk["requests"] > 0 and wrk["status_errors"] == wrk["socket_errors"] == 0, wrk
+        # Every request wrk completed was a comment the server accepted.
+        assert wrk["requests"] <= wrk["accepted_by_server"] <= wrk["requests"] + 4, wrk
+        assert wrk["command"].endswith(
+            "wrk -t1 -c4 -d1s -s bench/wrk_post.lua http://127.0.0.1:PORT"
+        )
+    else:
+        assert wrk == {"skipped": "wrk is not installed (apt-get install wrk)"}
+    assert results["cpu_speed_start"]["unit_ms"] > 0
+    assert not [name for name, s in measured.items() if "error" in s]
     # Every process the harness started was stopped, and it knows each one's exit status.
     assert results["processes"]
     assert all(p["exit"] is not None for p in results["processes"]), results["processes"]
