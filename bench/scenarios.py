@@ -361,13 +361,17 @@ class Load:
     sockets: int = 0
 
     @classmethod
-    async def start(cls, group: ProcGroup, server: Server, scale: Scale, tag: str) -> Load:
+    async def start(
+        cls, group: ProcGroup, server_starting: Awaitable[Server], scale: Scale, tag: str
+    ) -> Load:
+        """The load generators, spawned first so that they boot (on their own core) while the
+        server starts; then the server, awaited."""
         # One subscriber process per load generator CPU at least (more CPUs: more processes).
         cpus = group.pinning.loadgen_cpu_count
         workers = max(scale.subscriber_workers, cpus)
         subs = [await group.worker(f"{tag}-subs{i}", "subscribers") for i in range(workers)]
         poster = await group.worker(f"{tag}-poster", "poster")
-        return cls(subs, poster, server, scale.quiet_s, cpus)
+        return cls(subs, poster, await server_starting, scale.quiet_s, cpus)
 
     @property
     def pids(self) -> list[int]:
@@ -556,8 +560,9 @@ async def _hot_post_run(ctx: Context, kind: str, size: int, run: dict[str, Any])
     run_started = time.monotonic()
     tag = f"hot{size}"
     async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-        server = await start_server(group, ctx, kind, tag)
-        load = await Load.start(group, server, scale, f"{tag}-{kind}")
+        starting = start_server(group, ctx, kind, tag)
+        load = await Load.start(group, starting, scale, f"{tag}-{kind}")
+        server = load.server
         run["sockets"] = await load.open_sockets([["hot"]] * size, within=90)
         fanout = run["sockets"]["opened"]
         started = time.monotonic()  # the ladder's budget starts once everyone is subscribed
@@ -751,8 +756,9 @@ async def many_posts(ctx: Context, out: dict[str, Any]) -> None:
         run: dict[str, Any] = out.setdefault(kind, {})
         ctx.log(f"many_posts: {kind}, {scale.many_posts} posts, {scale.many_rate:g} comments/s")
         async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-            server = await start_server(group, ctx, kind, "many")
-            load = await Load.start(group, server, scale, f"many-{kind}")
+            starting = start_server(group, ctx, kind, "many")
+            load = await Load.start(group, starting, scale, f"many-{kind}")
+            server = load.server
             run["sockets"] = await load.open_sockets(many_posts_layout(scale.many_posts), 90)
             await load.poster.call(
                 30,
@@ -857,11 +863,11 @@ async def ingest(ctx: Context, out: dict[str, Any]) -> None:
     run: dict[str, Any] = out.setdefault("livecomments", {})
     ctx.log("ingest: livecomments (python-socketio has no durable write to compare)")
     async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        poster = await group.worker("ingest-poster", "poster")  # boots while the server starts
         server = await start_server(group, ctx, "livecomments", "ingest")
         queue_dir = ctx.workdir / "ingest-livecomments" / "queue"
         run["fsync"] = await asyncio.to_thread(fsync_floor, queue_dir, scale.fsync_n)
         ctx.log(f"  fsync floor: {run['fsync']}")
-        poster = await group.worker("ingest-poster", "poster")
         await poster.call(30, cmd="connect", port=server.port, connections=1, pad=PAD)
         levels: dict[str, Any] = run.setdefault("concurrency", {})
         for c in scale.ingest_concurrency:
@@ -960,8 +966,9 @@ async def idle(ctx: Context, out: dict[str, Any]) -> None:
         run: dict[str, Any] = out.setdefault(kind, {})
         ctx.log(f"idle: {kind}, {scale.idle_n} sockets")
         async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-            server = await start_server(group, ctx, kind, "idle")
-            load = await Load.start(group, server, scale, f"idle-{kind}")
+            starting = start_server(group, ctx, kind, "idle")
+            load = await Load.start(group, starting, scale, f"idle-{kind}")
+            server = load.server
             # Warm up: the first sockets load code paths and caches that are not per socket.
             await load.open_sockets([["warm"]] * 16, 30)
             await load.each(10, cmd="close", within=1.0)
