@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -149,6 +150,7 @@ class Proc:
     process: asyncio.subprocess.Process
     log_path: Path
     is_server: bool = False
+    stop_last: bool = False  # a service the servers use (Redis): stopped after them
 
     @property
     def pid(self) -> int:
@@ -241,7 +243,8 @@ class ProcGroup:
         procs, self.procs = self.procs, []
         try:
             await asyncio.gather(*(p.stop() for p in procs if not p.is_server))
-            await asyncio.gather(*(p.stop() for p in procs if p.is_server))
+            await asyncio.gather(*(p.stop() for p in procs if p.is_server and not p.stop_last))
+            await asyncio.gather(*(p.stop() for p in procs if p.stop_last))
         except BaseException:
             # Interrupted while stopping (a second Ctrl-C): no child is left behind.
             for p in procs:
@@ -313,14 +316,28 @@ class ProcGroup:
 
     async def server(self, name: str, argv: list[str], env: dict[str, str], port: int) -> Proc:
         """Start a server and wait until `GET /healthz` answers 200."""
+        return await self.service(name, argv, _healthy, port, env=env, stop_last=False)
+
+    async def service(
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[int], Awaitable[bool]],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        stop_last: bool = True,
+    ) -> Proc:
+        """Start a server-side process on the server's core; wait until `ready(port)`. A
+        service (`stop_last`) is stopped after the servers, which may use it while stopping."""
         process, log_path = await self._spawn(name, "server", argv, env, pipes=False)
-        proc = Proc(name, process, log_path, is_server=True)
+        proc = Proc(name, process, log_path, is_server=True, stop_last=stop_last)
         self.procs.append(proc)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if not proc.running:
                 raise ServerDied(f"{name} exited with {process.returncode}:\n{proc.log_tail()}")
-            if await _healthy(port):
+            if await ready(port):
                 return proc
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{name} not ready after {READY_TIMEOUT}s:\n{proc.log_tail()}")

@@ -258,6 +258,8 @@ def table(results: dict[str, Any]) -> str:
             )
         )
 
+    rows += _latency_rows(results)
+
     for name, scenario in sc.items():
         if scenario.get("error"):
             rows.append((name, "error", scenario["error"][:100], "", ""))
@@ -280,6 +282,29 @@ def _target(
     out with --only), which is not a failure and is not reported as one."""
     said = _not_tried(results) if met is None else ("yes" if met else "NO")
     return {"target": target, "measured": measured, "pass": met, "met": said}
+
+
+def _latency_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    run = _get(results, "scenarios", "latency", OURS) or {}
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key, where in (("one_instance", "one instance"), ("via_redis", "2 instances via Redis")):
+        part = run.get(key)
+        if not part:
+            continue
+        if part.get("skipped"):
+            rows.append(("", f"{where}: not measured", part["skipped"], "", ""))
+            continue
+        rows.append(
+            ("", f"{where}: POST -> socket p50 / p99 / p99.9 ms", _lat(part["to_socket"]), "-", "")
+        )
+        rows.append(
+            ("", f"{where}: POST -> 201 p50 / p99 / p99.9 ms", _lat(part["to_ack"]), "-", "")
+        )
+    if rows:
+        n = _get(results, "scale_detail", "latency_n")
+        first = rows[0]
+        rows[0] = (f"5. One comment at a time ({_n(n)}), nothing else running", *first[1:])
+    return rows
 
 
 def _wrk_row(wrk: dict[str, Any]) -> tuple[str, str]:
@@ -684,6 +709,14 @@ figure the server's capacity, "loadgen" makes it a lower bound.
   {_n(d.get("idle_n"))} sockets subscribe ({_n(d.get("idle_posts"))} posts), and VmRSS is read
   again {d.get("idle_settle_s")} s later: per socket = (after - before) / sockets. The sockets
   are then held {d.get("idle_hold_s")} s and counted.
+* **5. One comment at a time.** {_n(d.get("latency_n"))} comments (after
+  {d.get("latency_warmup")} more), each posted when the previous one arrived, by an aiohttp client
+  in the orchestrator (`bench/latency.py`, the same as `python -m bench.latency`): POST start to
+  the comment's frame read on a socket watching the post, and POST start to the 201. First one
+  instance; then two instances sharing {d.get("latency_redis")} private `redis-server` processes,
+  the POST to the first, the socket on the second, so every comment crosses Redis (skipped, and
+  said so, without `redis-server`). Every server-side process (instances, Redis) shares the
+  server's core.
 * **Peer.** `bench/peer_socketio.py`: `socketio.AsyncServer(async_mode="aiohttp")` with its
   default settings on aiohttp, a room per post, `await sio.emit("comment", C, room=post)` from a
   `POST /v1/comments` handler of the same shape as ours. It runs on uvloop like livecomments,

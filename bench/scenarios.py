@@ -79,6 +79,9 @@ class Scale:
     wrk_connections: int  # wrk runs right after the harness's level of this concurrency
     wrk_s: int  # whole seconds: wrk's -d takes no fraction
     calibrate_units: int  # units of bench/calibrate.py per CPU speed measurement
+    latency_n: int  # comments posted one at a time (after latency_warmup more)
+    latency_warmup: int
+    latency_redis: int  # Redis servers of the two-instance measurement; 0: not measured
     fsync_n: int
     idle_n: int
     idle_posts: int
@@ -120,6 +123,9 @@ SCALES: dict[str, Scale] = {
         wrk_connections=50,
         wrk_s=10,
         calibrate_units=10,
+        latency_n=1000,
+        latency_warmup=50,
+        latency_redis=2,
         fsync_n=200,
         idle_n=10_000,
         idle_posts=1000,
@@ -133,6 +139,7 @@ SCALES: dict[str, Scale] = {
             "many_posts": 110.0,
             "ingest": 70.0,
             "idle": 100.0,
+            "latency": 60.0,
         },
     ),
     "quick": Scale(
@@ -151,6 +158,9 @@ SCALES: dict[str, Scale] = {
         wrk_connections=50,
         wrk_s=2,
         calibrate_units=5,
+        latency_n=200,
+        latency_warmup=20,
+        latency_redis=2,
         fsync_n=50,
         idle_n=1000,
         idle_posts=100,
@@ -164,6 +174,7 @@ SCALES: dict[str, Scale] = {
             "many_posts": 15.0,
             "ingest": 20.0,
             "idle": 20.0,
+            "latency": 30.0,
         },
     ),
     "smoke": Scale(
@@ -182,6 +193,9 @@ SCALES: dict[str, Scale] = {
         wrk_connections=4,
         wrk_s=1,
         calibrate_units=2,
+        latency_n=10,
+        latency_warmup=3,
+        latency_redis=0,
         fsync_n=10,
         idle_n=20,
         idle_posts=5,
@@ -195,6 +209,7 @@ SCALES: dict[str, Scale] = {
             "many_posts": 12.0,
             "ingest": 12.0,
             "idle": 10.0,
+            "latency": 10.0,
         },
     ),
 }
@@ -259,18 +274,22 @@ class Server:
         return "lc" if self.kind == "livecomments" else "sio"
 
 
-async def start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> Server:
+async def start_server(
+    group: ProcGroup, ctx: Context, kind: str, tag: str, extra_env: dict[str, str] | None = None
+) -> Server:
     """A fresh server; one that dies while starting is tried once more (and the retry noted):
     once a fresh process got SIGTERM from outside the harness before it was ready."""
     try:
-        return await _start_server(group, ctx, kind, tag)
+        return await _start_server(group, ctx, kind, tag, extra_env)
     except ServerDied as e:
         ctx.log(f"{tag}: {e}; starting it again")
         ctx.notes.append(f"{tag}-{kind} died while starting ({str(e).splitlines()[0]}); retried")
-        return await _start_server(group, ctx, kind, f"{tag}-retry")
+        return await _start_server(group, ctx, kind, f"{tag}-retry", extra_env)
 
 
-async def _start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> Server:
+async def _start_server(
+    group: ProcGroup, ctx: Context, kind: str, tag: str, extra_env: dict[str, str] | None
+) -> Server:
     port = free_port()
     data = ctx.workdir / f"{tag}-{kind}"
     data.mkdir(parents=True, exist_ok=True)
@@ -285,6 +304,7 @@ async def _start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> 
                 "LIVECOMMENTS_QUEUE_DIR": str(data / "queue"),
             }
         )
+        env.update(extra_env or {})
         argv = [sys.executable, "-m", "livecomments", "--config", os.devnull, "serve"]
     else:
         argv = [sys.executable, "-m", "bench.peer_socketio", "--port", str(port)]
@@ -1001,10 +1021,95 @@ async def idle(ctx: Context, out: dict[str, Any]) -> None:
             )
 
 
+# -- 5. one comment at a time -------------------------------------------------------------------
+
+
+async def latency(ctx: Context, out: dict[str, Any]) -> None:
+    """POST -> socket with nothing else going on: each comment waits for the previous one to
+    arrive (bench/latency.py's loop, in the orchestrator on the load generators' core). First one
+    instance, the socket on the instance that took the POST; then two instances sharing
+    `latency_redis` private redis-server processes, the socket on the other instance, so every
+    comment crosses Redis. Every server-side process (instances, Redis) is on the server's core."""
+    scale = ctx.scale
+    run: dict[str, Any] = out.setdefault("livecomments", {})
+    ctx.log(f"latency: livecomments, {scale.latency_n} comments one at a time")
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        server = await start_server(group, ctx, "livecomments", "latency")
+        run["one_instance"] = await _one_at_a_time(ctx, server, server)
+    if not scale.latency_redis:
+        return
+    if shutil.which("redis-server") is None:
+        why = "redis-server is not installed"
+        ctx.log(f"  via Redis: skipped: {why}")
+        run["via_redis"] = {"skipped": why}
+        return
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        ports = [
+            await start_redis(group, ctx, f"latency-redis{i}") for i in range(scale.latency_redis)
+        ]
+        urls = ",".join(f"redis://127.0.0.1:{port}/0" for port in ports)
+        env = {"LIVECOMMENTS_REDIS_URLS": urls}
+        poster = await start_server(group, ctx, "livecomments", "latency-i1", env)
+        watcher = await start_server(group, ctx, "livecomments", "latency-i2", env)
+        run["via_redis"] = await _one_at_a_time(ctx, poster, watcher)
+        run["via_redis"]["redis_servers"] = scale.latency_redis
+
+
+async def _one_at_a_time(ctx: Context, poster: Server, watcher: Server) -> dict[str, Any]:
+    from bench.latency import one_at_a_time  # noqa: PLC0415 (aiohttp's client: this scenario only)
+
+    scale = ctx.scale
+    to_socket, to_ack = await one_at_a_time(
+        _url(poster.port), _url(watcher.port) + "/v1/ws", scale.latency_n, scale.latency_warmup
+    )
+    socket_hist, ack_hist = Histogram(), Histogram()
+    for ms in to_socket:
+        socket_hist.add(round(ms * 1000))
+    for ms in to_ack:
+        ack_hist.add(round(ms * 1000))
+    result = {"to_socket": socket_hist.summary(), "to_ack": ack_hist.summary()}
+    where = "one instance" if poster is watcher else "via Redis"
+    ctx.log(
+        f"  {where}: POST -> socket p50 {result['to_socket']['p50_ms']} p99 "
+        f"{result['to_socket']['p99_ms']} ms; POST -> 201 p50 {result['to_ack']['p50_ms']} "
+        f"p99 {result['to_ack']['p99_ms']} ms"
+    )
+    return result
+
+
+async def start_redis(group: ProcGroup, ctx: Context, name: str) -> int:
+    """A private redis-server on a free port (never the machine's shared 6379), no persistence,
+    on the server's core; its port once it answers PING."""
+    port = free_port()
+    data = ctx.workdir / name
+    data.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(data)]
+    await group.service(name, argv, _redis_answers, port)
+    return port
+
+
+async def _redis_answers(port: int) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 Scenario = Callable[[Context, dict[str, Any]], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "hot_post": hot_post,
     "many_posts": many_posts,
     "ingest": ingest,
     "idle": idle,
+    "latency": latency,
 }
