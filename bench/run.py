@@ -173,11 +173,11 @@ async def run(args: argparse.Namespace) -> int:
         for name in chosen:
             out: dict[str, Any] = results["scenarios"].setdefault(name, {})
             failures += not await run_scenario(ctx, name, out)
+        results["cpu_speed_end"] = await measure_cpu_speed(ctx, "end")
     except asyncio.CancelledError:
         interrupted = True
         results["interrupted"] = True
         log("interrupted: every started process was stopped")
-        results["cpu_speed_end"] = await measure_cpu_speed(ctx, "end")
     finally:
         results["elapsed_s"] = round(time.monotonic() - started, 1)
         results["loadavg_end"] = list(os.getloadavg())

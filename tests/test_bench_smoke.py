@@ -290,7 +290,7 @@ def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
         )
     else:
         assert wrk == {"skipped": "wrk is not installed (apt-get install wrk)"}
-    assert results["cpu_speed_start"]["unit_ms"] > 0
+    assert results["cpu_speed_start"]["unit_ms"] > 0 and results["cpu_speed_end"]["unit_ms"] > 0
     one = measured["latency"]["livecomments"]["one_instance"]
     assert one["to_socket"]["n"] == one["to_ack"]["n"] == 10, one
     assert one["to_ack"]["p50_ms"] <= one["to_socket"]["p50_ms"], one  # the 201 comes first
