@@ -114,7 +114,11 @@ class Pinning:
         return len(_cpu_list(self.loadgen_cpus)) if self.loadgen_cpus else 1
 
     def prefix(self, role: str) -> list[str]:
+        """`taskset` for a role: `server`, `loadgen`, or `both` (a tool that starts its own
+        services, which then get the machine's CPUs rather than one core)."""
         cpus = str(self.server_cpu) if role == "server" else self.loadgen_cpus
+        if role == "both" and self.server_cpu is not None:
+            cpus = f"{self.server_cpu},{self.loadgen_cpus}"
         if cpus is None or cpus == "None":
             return []
         return ["taskset", "-c", cpus]

@@ -259,6 +259,7 @@ def table(results: dict[str, Any]) -> str:
         )
 
     rows += _latency_rows(results)
+    rows += _drain_rows(results)
 
     for name, scenario in sc.items():
         if scenario.get("error"):
@@ -304,6 +305,52 @@ def _latency_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str
         n = _get(results, "scale_detail", "latency_n")
         first = rows[0]
         rows[0] = (f"5. One comment at a time ({_n(n)}), nothing else running", *first[1:])
+    return rows
+
+
+def _drain_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    run = _get(results, "scenarios", "drain", OURS) or {}
+    name = "6. Backlog drain into PostgreSQL"
+    if run.get("skipped"):
+        return [(name, "not measured", run["skipped"], "", "")]
+    batches = run.get("batch") or {}
+    if not batches:
+        return []
+    default = LIVECOMMENTS_SETTINGS["LIVECOMMENTS_QUEUE_FLUSH_BATCH"][0]
+    some = batches.get(default) or next(iter(batches.values()))
+    name += (
+        f": {_n(some['comments'])} comments ({some['message_chars']}-character messages, "
+        f"{_n(some['posts'])} posts) queued while it was down"
+    )
+    rows = [
+        (
+            "",
+            f"queue.flush_batch {batch}{' (default)' if batch == default else ''}: "
+            "backlog drained, comments/s",
+            _n(r["drain_per_s"]),
+            "n/a",
+            "",
+        )
+        for batch, r in sorted(batches.items(), key=lambda kv: int(kv[0]))
+    ]
+    rows += [
+        ("", "queued while it was down (fsync'd), comments/s", _n(some["enqueue_per_s"]), "", ""),
+        (
+            "",
+            "queue bytes per comment: counted by queue.max_bytes / file on disk",
+            f"{some['queue_bytes_per_comment']} / {some['queue_file_bytes_per_comment']}",
+            "",
+            "",
+        ),
+        (
+            "",
+            "process memory per queued comment (bytes of RSS growth)",
+            _n(some["rss_bytes_per_comment"]),
+            "",
+            "",
+        ),
+    ]
+    rows[0] = (name, *rows[0][1:])
     return rows
 
 
@@ -717,6 +764,13 @@ figure the server's capacity, "loadgen" makes it a lower bound.
   the POST to the first, the socket on the second, so every comment crosses Redis (skipped, and
   said so, without `redis-server`). Every server-side process (instances, Redis) shares the
   server's core.
+* **6. Backlog drain.** `python -m bench.drain_postgres --comments {_n(d.get("drain_comments"))}
+  --batch B` for B in {", ".join(map(str, d.get("drain_batches", [])))}: a private PostgreSQL
+  (`tests/pg_cluster.py`, fsync off) is stopped, the comments are queued through the real
+  `WriteAheadQueue` (each fsync'd, in group commits), the database is started and the real
+  `Comments.flush_worker` and `PostgresStore` drain the backlog; comments/s from the first
+  committed batch to an empty queue. Not one core: the tool and its PostgreSQL share both CPUs.
+  Skipped, and said so, without PostgreSQL's server binaries.
 * **Peer.** `bench/peer_socketio.py`: `socketio.AsyncServer(async_mode="aiohttp")` with its
   default settings on aiohttp, a room per post, `await sio.emit("comment", C, room=post)` from a
   `POST /v1/comments` handler of the same shape as ours. It runs on uvloop like livecomments,

@@ -82,6 +82,8 @@ class Scale:
     latency_n: int  # comments posted one at a time (after latency_warmup more)
     latency_warmup: int
     latency_redis: int  # Redis servers of the two-instance measurement; 0: not measured
+    drain_comments: int  # backlog queued while PostgreSQL is down; 0: not measured
+    drain_batches: tuple[int, ...]  # queue.flush_batch values tried
     fsync_n: int
     idle_n: int
     idle_posts: int
@@ -126,6 +128,8 @@ SCALES: dict[str, Scale] = {
         latency_n=1000,
         latency_warmup=50,
         latency_redis=2,
+        drain_comments=100_000,
+        drain_batches=(100, 1000, 5000),
         fsync_n=200,
         idle_n=10_000,
         idle_posts=1000,
@@ -140,6 +144,7 @@ SCALES: dict[str, Scale] = {
             "ingest": 70.0,
             "idle": 100.0,
             "latency": 60.0,
+            "drain": 180.0,
         },
     ),
     "quick": Scale(
@@ -161,6 +166,8 @@ SCALES: dict[str, Scale] = {
         latency_n=200,
         latency_warmup=20,
         latency_redis=2,
+        drain_comments=10_000,
+        drain_batches=(1000,),
         fsync_n=50,
         idle_n=1000,
         idle_posts=100,
@@ -175,6 +182,7 @@ SCALES: dict[str, Scale] = {
             "ingest": 20.0,
             "idle": 20.0,
             "latency": 30.0,
+            "drain": 30.0,
         },
     ),
     "smoke": Scale(
@@ -196,6 +204,8 @@ SCALES: dict[str, Scale] = {
         latency_n=10,
         latency_warmup=3,
         latency_redis=0,
+        drain_comments=0,
+        drain_batches=(),
         fsync_n=10,
         idle_n=20,
         idle_posts=5,
@@ -210,6 +220,7 @@ SCALES: dict[str, Scale] = {
             "ingest": 12.0,
             "idle": 10.0,
             "latency": 10.0,
+            "drain": 5.0,
         },
     ),
 }
@@ -1105,6 +1116,56 @@ async def _redis_answers(port: int) -> bool:
             await writer.wait_closed()
 
 
+# -- 6. backlog drain into PostgreSQL ------------------------------------------------------------
+
+
+def postgres_installed() -> bool:
+    """As bench/drain_postgres.py decides (tests/pg_cluster.py finds the binaries)."""
+    return shutil.which("pg_ctl") is not None or Path("/usr/lib/postgresql").is_dir()
+
+
+def parse_drain(output: str) -> dict[str, Any]:
+    """The `drain-result {...}` line of bench/drain_postgres.py (the last one)."""
+    lines = [line for line in output.splitlines() if line.startswith("drain-result ")]
+    if not lines:
+        raise RuntimeError(f"drain_postgres printed no result line:\n{output[-2000:]}")
+    result: dict[str, Any] = orjson.loads(lines[-1].removeprefix("drain-result "))
+    return result
+
+
+async def drain(ctx: Context, out: dict[str, Any]) -> None:
+    """`python -m bench.drain_postgres` per `drain_batches`: a backlog queued while a private
+    PostgreSQL was down, drained once it is back, through the service's own queue, flusher and
+    store. Not one core: the tool and the PostgreSQL it starts share both CPUs (a database has
+    its own machine in production)."""
+    scale = ctx.scale
+    run: dict[str, Any] = out.setdefault("livecomments", {})
+    if not scale.drain_comments:
+        ctx.log(f"drain: not run in {scale.name} mode")
+        run["skipped"] = f"not run in {scale.name} mode"
+        return
+    if not postgres_installed():
+        why = "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+        ctx.log(f"drain: skipped: {why}")
+        run["skipped"] = why
+        return
+    batches: dict[str, Any] = run.setdefault("batch", {})
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        for batch in scale.drain_batches:
+            ctx.log(f"drain: {scale.drain_comments:,} comments, batch {batch}")
+            argv = [sys.executable, "-m", "bench.drain_postgres"]
+            argv += ["--comments", str(scale.drain_comments), "--batch", str(batch)]
+            code, output, _ = await group.run_once(f"drain-{batch}", "both", argv, within=120)
+            if code != 0:
+                raise RuntimeError(f"drain_postgres exited {code}:\n{output[-2000:]}")
+            result = parse_drain(output)
+            batches[str(batch)] = result
+            ctx.log(
+                f"  drained {result['drain_per_s']:,}/s; enqueued {result['enqueue_per_s']:,}/s; "
+                f"{result['queue_bytes_per_comment']} bytes per comment in the queue"
+            )
+
+
 Scenario = Callable[[Context, dict[str, Any]], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "hot_post": hot_post,
@@ -1112,4 +1173,5 @@ SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest,
     "idle": idle,
     "latency": latency,
+    "drain": drain,
 }

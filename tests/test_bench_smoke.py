@@ -214,6 +214,32 @@ async def test_without_wrk_the_ingest_scenario_says_it_skipped_wrk(monkeypatch):
     )
 
 
+DRAIN_OUTPUT = """drain into PostgreSQL: 26,608 comments/s (0.38 s)
+drain-result {"comments": 10000, "batch": 1000, "message_chars": 100, "posts": 1000, \
+"enqueue_per_s": 14598, "drain_per_s": 26608, "drain_s": 0.376, "queue_bytes_per_comment": 240, \
+"queue_file_bytes_per_comment": 288, "rss_bytes_per_comment": 2273, \
+"bytes_per_comment_by_message_chars": {"20": 160, "100": 240}}
+""".replace("\\\n", "")
+
+
+def test_the_drain_result_line_becomes_the_drain_rows():
+    drained = scenarios.parse_drain(DRAIN_OUTPUT)
+    assert drained["drain_per_s"] == 26608
+    results = quick_results()
+    results["scenarios"]["drain"] = {"livecomments": {"batch": {"1000": drained}}}
+    text = report.table(results)
+    assert (
+        "| 6. Backlog drain into PostgreSQL: 10,000 comments (100-character messages, 1,000 posts)"
+        " queued while it was down | queue.flush_batch 1000 (default): backlog drained, "
+        "comments/s | 26,608 |"
+    ) in text
+    assert "| queue bytes per comment: counted by queue.max_bytes / file on disk | 240 / 288 |" in (
+        text
+    )
+    with pytest.raises(RuntimeError, match="no result line"):
+        scenarios.parse_drain("drain_postgres: PostgreSQL server binaries not found")
+
+
 def test_a_second_run_the_same_day_gets_its_own_results_file(tmp_path: Path):
     morning = report.results_path(tmp_path, "2026-11-24T09:05:01+0000", "full")
     morning.write_text("{}")
@@ -291,6 +317,7 @@ def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
     else:
         assert wrk == {"skipped": "wrk is not installed (apt-get install wrk)"}
     assert results["cpu_speed_start"]["unit_ms"] > 0 and results["cpu_speed_end"]["unit_ms"] > 0
+    assert measured["drain"]["livecomments"] == {"skipped": "not run in smoke mode"}
     one = measured["latency"]["livecomments"]["one_instance"]
     assert one["to_socket"]["n"] == one["to_ack"]["n"] == 10, one
     assert one["to_ack"]["p50_ms"] <= one["to_socket"]["p50_ms"], one  # the 201 comes first
