@@ -361,8 +361,7 @@ def _wrk_row(wrk: dict[str, Any]) -> tuple[str, str]:
     connections = wrk["connections"]
     ack = wrk["ack"]
     return (
-        f"concurrency {connections}, measured by wrk ({wrk['posts']} posts): comments/s; "
-        "ack p50 / p99 ms",
+        f"concurrency {connections}, measured by wrk: comments/s; ack p50 / p99 ms",
         f"{_n(wrk['comments_per_s'])}; {ack['p50_ms']} / {ack['p99_ms']}",
     )
 
@@ -389,13 +388,13 @@ def ingest_comparison(results: dict[str, Any]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     if level:
         lines.append(
-            f"| harness (`bench/leanhttp.py`), 1 post | `make bench`, concurrency {connections}"
+            f"| harness (`bench/leanhttp.py`) | `make bench`, concurrency {connections}"
             f" | {_n(level['comments_per_s'])} | {_lat(level['ack'])} | "
             f"{_n(level['server_cpu'], 2)} | {_n(level['loadgen_cpu'], 2)} | "
             f"{_speed(level.get('cpu_speed'))} |"
         )
     lines.append(
-        f"| wrk, {wrk['posts']} posts | `{wrk['command']}` | {_n(wrk['comments_per_s'])} | "
+        f"| wrk | `{wrk['command']}` | {_n(wrk['comments_per_s'])} | "
         f"{_lat(wrk['ack'])} | {_n(wrk['server_cpu'], 2)} | {_n(wrk['loadgen_cpu'], 2)} | "
         f"{_speed(wrk.get('cpu_speed'))} |"
     )
@@ -410,17 +409,16 @@ def ingest_comparison(results: dict[str, Any]) -> str:
 
 {chr(10).join(lines)}
 
-Both load generators keep {connections} keep-alive connections with one request in flight
-each (no pipelining), run on the load generators' core, and post to the same server one right
-after the other. They differ in what issue 8 suspected: wrk spreads 100-character messages over
-{wrk["posts"]} posts and times a request from its write to its last byte read; the harness posts
-to one post and times from building the request to parsing its status. Changed one at a time
-(issue 8, interleaved on one server), none of these moved the rate beyond the run-to-run noise
-(+-15%); running wrk unpinned or on the server's core cost 15-22%. What did move it is the
-machine: on a shared VM the same CPU work takes up to twice the CPU time at times
-(`bench/calibrate.py`, last column), and every figure scales with it. That is why the harness's
-6,975/s of 2026-11-24 and an outside wrk run's 3,800-4,250/s disagreed: measured days apart at
-different CPU speeds, not by different tools.
+Both keep {connections} keep-alive connections with one request in flight each (no pipelining),
+post ~100-character messages round-robin over {wrk["posts"]} posts from the load generators'
+core, and run one right after the other against the same server; wrk times a request from its
+write to its last byte read, the harness from building it to parsing its status. In issue 8's
+runs on a shared 2-CPU VM they agreed within their noise (wrk / harness 0.85-1.21 over
+interleaved pairs). What moved both is the CPU's speed: the same unit of `bench/calibrate.py`
+took ~11 ms of CPU at some moments and ~21 ms at others, and the server's CPU per comment
+doubled with it. That, not the tool, is why the harness's 6,975/s (2026-11-24) and an outside
+wrk run's 3,800-4,250/s disagreed: compare figures only at the same CPU speed (last column).
+Running wrk unpinned or on the server's core costs it a further 6-22%.
 {this_run}{checks}
 """
 
@@ -744,7 +742,8 @@ figure the server's capacity, "loadgen" makes it a lower bound.
   {_n(d.get("many_rate"))} comments/s round-robin over the posts in a shuffled order,
   {d.get("many_warmup_s")} s of warm-up, then {d.get("many_s")} s measured.
 * **3. Ingest.** A closed loop of durable POSTs, no subscribers: each connection posts again
-  when its 201 arrives, at concurrency {concurrency}, {d.get("ingest_s")} s each. A 201 from
+  when its 201 arrives, at concurrency {concurrency}, {d.get("ingest_s")} s each, the comments
+  round-robin over 100 posts. A 201 from
   livecomments means the comment is fsync'd in the write-ahead queue. In the same run,
   {d.get("fsync_n")} x (append 256 bytes + `os.fsync`) in the queue's directory measure the
   disk's floor under an ack; group commit shares one fsync among concurrent POSTs, so comments/s

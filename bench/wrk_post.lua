@@ -1,8 +1,9 @@
 -- wrk's side of the ingest scenario (bench/scenarios.py runs it; see BENCHMARKS.md):
 --   wrk -t1 -c50 -d10s -s bench/wrk_post.lua http://127.0.0.1:PORT
 -- POST /v1/comments with Content-Type: application/json, a message of WRK_MESSAGE_CHARS
--- characters (100), post ids round-robin over WRK_POSTS posts (100). One request in flight per
--- connection (no pipelining), keep-alive, as the harness's own poster.
+-- characters (100), post ids round-robin over WRK_POSTS posts (100), as the harness's own
+-- poster does in the same scenario. One request in flight per connection (no pipelining),
+-- keep-alive.
 local posts = tonumber(os.getenv("WRK_POSTS") or "100")
 local message = string.rep("x", tonumber(os.getenv("WRK_MESSAGE_CHARS") or "100"))
 local n = 0
