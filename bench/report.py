@@ -209,7 +209,9 @@ def table(results: dict[str, Any]) -> str:
         )
 
     ing = _get(sc, "ingest", OURS) or {}
-    for i, (c, level) in enumerate((ing.get("concurrency") or {}).items()):
+    wrk = ing.get("wrk")
+    levels = sorted((ing.get("concurrency") or {}).items(), key=lambda kv: int(kv[0]))
+    for i, (c, level) in enumerate(levels):  # by concurrency: a results file sorts its keys
         ack = level["ack"]
         rows.append(
             (
@@ -220,8 +222,9 @@ def table(results: dict[str, Any]) -> str:
                 "",
             )
         )
-    wrk = ing.get("wrk")
-    if wrk:
+        if wrk and str(wrk.get("connections")) == c:
+            rows.append(("", *_wrk_row(wrk), "n/a", ""))  # beside the level it followed
+    if wrk and (wrk.get("skipped") or str(wrk.get("connections")) not in dict(levels)):
         rows.append(("", *_wrk_row(wrk), "n/a", ""))
     if ing.get("fsync"):
         f = ing["fsync"]
@@ -533,7 +536,7 @@ def targets_table(results: dict[str, Any]) -> str:
 def noise(results: dict[str, Any]) -> dict[str, Any]:
     """How busy the machine was with work not ours, from the measured steps of the run.
 
-    For each step: busy share of the server's CPU minus the server's own CPU, and of the load
+    For each step (and ingest level): busy share of the server's CPU minus the server's own CPU, and of the load
     generators' CPU minus theirs (the orchestrator's little share is counted as foreign).
     """
     server_cpu = _get(results, "pinning", "server_cpu")
@@ -542,12 +545,23 @@ def noise(results: dict[str, Any]) -> dict[str, Any]:
     loadgen_core = f"cpu{loadgen_cpus}" if loadgen_cpus.isdigit() else None
     foreign_server: list[float] = []
     foreign_loadgen: list[float] = []
-    for step in _steps(results):
-        machine = step.get("machine_cpu") or {}
+    # Ingest levels and wrk: their CPU figures are already over their whole window.
+    ingest = _get(results, "scenarios", "ingest", OURS) or {}
+    measured = [*(ingest.get("concurrency") or {}).values(), ingest.get("wrk") or {}]
+    windows = [
+        (s["machine_cpu"], s["server_cpu"], s["loadgen_cpu"])
+        for s in measured
+        if "machine_cpu" in s
+    ]
+    windows += [
+        (s.get("machine_cpu") or {}, s["server_cpu_window"], s["loadgen_cpu_window"])
+        for s in _steps(results)
+    ]
+    for machine, server, loadgen in windows:
         if server_core in machine:
-            foreign_server.append(max(0.0, machine[server_core] - step["server_cpu_window"]))
+            foreign_server.append(max(0.0, machine[server_core] - server))
         if loadgen_core in machine:
-            foreign_loadgen.append(max(0.0, machine[loadgen_core] - step["loadgen_cpu_window"]))
+            foreign_loadgen.append(max(0.0, machine[loadgen_core] - loadgen))
 
     def stats(xs: list[float]) -> dict[str, float] | None:
         return {"mean": round(sum(xs) / len(xs), 3), "max": round(max(xs), 3)} if xs else None
