@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -238,6 +239,28 @@ def test_the_drain_result_line_becomes_the_drain_rows():
     )
     with pytest.raises(RuntimeError, match="no result line"):
         scenarios.parse_drain("drain_postgres: PostgreSQL server binaries not found")
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a markdown text's headings."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    return {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_readme_and_docs_take_their_figures_from_benchmarks_md():
+    readme = (REPO / "README.md").read_text()
+    texts = {"README.md, Numbers": readme.split("## Numbers\n", 1)[1].split("\n## ", 1)[0]}
+    for name in ("running-several-instances.md", "postgresql.md"):
+        texts[name] = (REPO / "docs" / name).read_text()
+    figure = re.compile(r"\d[\d,.]*\s*(?:ms|comments/s|deliveries/s|KiB)\b|p(?:50|99)\s+\d")
+    for name, text in texts.items():
+        assert not figure.findall(text), (name, figure.findall(text))
+    # Every link to BENCHMARKS.md names a heading that it has now and that `make bench` writes.
+    links = set(re.findall(r"BENCHMARKS\.md#([a-z0-9-]+)", "".join(texts.values())))
+    assert {"results", "ingest-the-harness-beside-wrk"} <= links
+    assert links <= _anchors((REPO / "BENCHMARKS.md").read_text())
+    run = json.loads((REPO / "bench" / "results" / "2026-11-27-083539.json").read_text())
+    assert links <= _anchors(report.markdown(run, "2026-11-27-083539.json"))
 
 
 def test_a_second_run_the_same_day_gets_its_own_results_file(tmp_path: Path):
