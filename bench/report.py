@@ -536,8 +536,9 @@ def targets_table(results: dict[str, Any]) -> str:
 def noise(results: dict[str, Any]) -> dict[str, Any]:
     """How busy the machine was with work not ours, from the measured steps of the run.
 
-    For each step (and ingest level): busy share of the server's CPU minus the server's own CPU, and of the load
-    generators' CPU minus theirs (the orchestrator's little share is counted as foreign).
+    For each step (and ingest level): busy share of the server's CPU minus the server's own CPU,
+    and of the load generators' CPU minus theirs (the orchestrator's little share is counted as
+    foreign).
     """
     server_cpu = _get(results, "pinning", "server_cpu")
     loadgen_cpus = str(_get(results, "pinning", "loadgen_cpus"))
