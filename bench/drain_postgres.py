@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import random
@@ -150,9 +151,25 @@ async def run(args: argparse.Namespace) -> int:
     print(f"default queue.max_bytes = {default_max >> 20} MiB holds {capacity:,.0f} comments:")
     for rate in RATES:
         print(f"  at {rate:>4} comments/s: {format_duration(capacity / rate)} of outage")
+    sizes = {}
     for chars in (20, 100, 280, 1000, 2000):
-        size = len(make_comments(1, chars, args.posts, args.seed)[0].encode())
-        print(f"  ({chars}-char message: {size} bytes per comment)")
+        sizes[chars] = len(make_comments(1, chars, args.posts, args.seed)[0].encode())
+        print(f"  ({chars}-char message: {sizes[chars]} bytes per comment)")
+    result = {
+        "comments": n,
+        "batch": args.batch,
+        "message_chars": args.message_chars,
+        "posts": args.posts,
+        "enqueue_per_s": round(n / enqueue_s),
+        "drain_per_s": round(n / drain_s),
+        "drain_s": round(drain_s, 3),
+        "queue_bytes_per_comment": round(per_comment),
+        "queue_file_bytes_per_comment": round(disk_bytes / n),
+        "rss_bytes_per_comment": round(memory),
+        "bytes_per_comment_by_message_chars": sizes,
+    }
+    # One machine-readable line for the harness (bench/scenarios.py, scenario `drain`).
+    print("drain-result " + json.dumps(result))
     return 0
 
 

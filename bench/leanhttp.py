@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import re
 import time
 from collections import Counter, deque
@@ -201,15 +202,17 @@ class Poster:
             "ack_max_us": ack.max_us,
         }
 
-    async def run_closed(self, post_id: str, duration: float) -> dict[str, object]:
-        """Each connection posts back to back for `duration` seconds."""
+    async def run_closed(self, posts: list[str], duration: float) -> dict[str, object]:
+        """Each connection posts back to back for `duration` seconds, the comments round-robin
+        over `posts`."""
         ack = Histogram()
         statuses: Counter[str] = Counter()
         deadline = time.monotonic_ns() + int(duration * 1e9)
+        next_post = itertools.cycle(posts)
 
         async def loop_one(conn: HttpConn) -> None:
             while conn.open and time.monotonic_ns() < deadline:
-                data, sent_ns = self._request(post_id)
+                data, sent_ns = self._request(next(next_post))
                 try:
                     status = await asyncio.wait_for(conn.request(data), RESPONSE_TIMEOUT)
                 except (ConnectionError, TimeoutError) as e:

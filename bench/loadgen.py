@@ -105,7 +105,7 @@ class PosterRole:
         if name == "closed":
             await poster.open(int(cmd["connections"]))
             duration = min(float(cmd["duration"]), MAX_COMMAND_SECONDS)
-            return await poster.run_closed(str(cmd["post"]), duration)
+            return await poster.run_closed([str(post) for post in cmd["posts"]], duration)
         if name == "close":
             poster.close()
             return {}

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -113,7 +114,11 @@ class Pinning:
         return len(_cpu_list(self.loadgen_cpus)) if self.loadgen_cpus else 1
 
     def prefix(self, role: str) -> list[str]:
+        """`taskset` for a role: `server`, `loadgen`, or `both` (a tool that starts its own
+        services, which then get the machine's CPUs rather than one core)."""
         cpus = str(self.server_cpu) if role == "server" else self.loadgen_cpus
+        if role == "both" and self.server_cpu is not None:
+            cpus = f"{self.server_cpu},{self.loadgen_cpus}"
         if cpus is None or cpus == "None":
             return []
         return ["taskset", "-c", cpus]
@@ -149,6 +154,7 @@ class Proc:
     process: asyncio.subprocess.Process
     log_path: Path
     is_server: bool = False
+    stop_last: bool = False  # a service the servers use (Redis): stopped after them
 
     @property
     def pid(self) -> int:
@@ -241,7 +247,8 @@ class ProcGroup:
         procs, self.procs = self.procs, []
         try:
             await asyncio.gather(*(p.stop() for p in procs if not p.is_server))
-            await asyncio.gather(*(p.stop() for p in procs if p.is_server))
+            await asyncio.gather(*(p.stop() for p in procs if p.is_server and not p.stop_last))
+            await asyncio.gather(*(p.stop() for p in procs if p.stop_last))
         except BaseException:
             # Interrupted while stopping (a second Ctrl-C): no child is left behind.
             for p in procs:
@@ -281,16 +288,60 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
+    async def run_once(
+        self,
+        name: str,
+        role: str,
+        argv: list[str],
+        within: float,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, str, float]:
+        """Run a tool to its end on `role`'s CPUs (`loadgen` or `server`): its exit status, its
+        output (stdout and stderr), and the CPU seconds it used. Killed after `within` seconds.
+
+        Its CPU comes from RUSAGE_CHILDREN, which counts a child once it is reaped: the caller
+        must have no other child ending meanwhile (a scenario's servers and workers end later).
+        """
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process, log_path = await self._spawn(name, role, argv, env, pipes=False)
+        proc = Proc(name, process, log_path)
+        self.procs.append(proc)
+        try:
+            code = await asyncio.wait_for(process.wait(), within)
+        except TimeoutError:
+            tail = proc.log_tail()
+            raise WorkerError(f"{name} did not finish within {within:g} s:\n{tail}") from None
+        finally:
+            await proc.stop()
+            self.procs.remove(proc)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return code, proc.log_tail(100_000), cpu
+
     async def server(self, name: str, argv: list[str], env: dict[str, str], port: int) -> Proc:
         """Start a server and wait until `GET /healthz` answers 200."""
+        return await self.service(name, argv, _healthy, port, env=env, stop_last=False)
+
+    async def service(
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[int], Awaitable[bool]],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        stop_last: bool = True,
+    ) -> Proc:
+        """Start a server-side process on the server's core; wait until `ready(port)`. A
+        service (`stop_last`) is stopped after the servers, which may use it while stopping."""
         process, log_path = await self._spawn(name, "server", argv, env, pipes=False)
-        proc = Proc(name, process, log_path, is_server=True)
+        proc = Proc(name, process, log_path, is_server=True, stop_last=stop_last)
         self.procs.append(proc)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if not proc.running:
                 raise ServerDied(f"{name} exited with {process.returncode}:\n{proc.log_tail()}")
-            if await _healthy(port):
+            if await ready(port):
                 return proc
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{name} not ready after {READY_TIMEOUT}s:\n{proc.log_tail()}")

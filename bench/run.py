@@ -1,8 +1,9 @@
 """`python -m bench.run [--quick]`: every benchmark scenario, then the table and the files.
 
-Writes `bench/results/<date>.json` (`<date>-quick.json` for `--quick`) and, for the full scale,
-`BENCHMARKS.md`. Exit status 0 when every scenario ran (whether or not the targets were met),
-1 when one failed or hit its time cap, 130 on Ctrl-C. Every process it started is stopped.
+Writes `bench/results/<date>-<hhmmss>.json` (`...-quick.json` for `--quick`, which git ignores)
+and, for the full scale, `BENCHMARKS.md`. Exit status 0 when every scenario ran (whether or not
+the targets were met), 1 when one failed or hit its time cap, 130 on Ctrl-C. Every process it
+started is stopped.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.procs import REPO, Pinning, raise_nofile, started_processes
+from bench.procs import REPO, Pinning, ProcGroup, raise_nofile, started_processes
 from bench.scenarios import (
     LIVECOMMENTS_SETTINGS,
     SCALES,
     SCENARIOS,
     Context,
     check_settings,
+    cpu_speed,
 )
 
 PEERS = ("livecomments", "socketio")
@@ -54,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="keep data dirs and logs")
     args = p.parse_args(argv)
     args.scale = args.scale or ("quick" if args.quick else "full")
-    if args.markdown is None and args.scale == "full" and not args.no_markdown:
+    # BENCHMARKS.md is one whole full run: a smaller or partial run does not replace it.
+    whole = args.scale == "full" and not args.only and not args.hot_sizes
+    if args.markdown is None and whole and not args.no_markdown:
         args.markdown = REPO / "BENCHMARKS.md"
     if args.no_markdown:
         args.markdown = None
@@ -84,6 +88,11 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         head = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         commit = head + ("+changes" if dirty else "")
+    wrk = "not installed"
+    if shutil.which("wrk"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(["wrk", "-v"], capture_output=True, timeout=5, check=False)
+            wrk = done.stdout.decode(errors="replace").splitlines()[0].split(" Copyright")[0]
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),
@@ -91,6 +100,7 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "packages": ", ".join(versions),
+        "wrk": wrk,
         "commit": commit,
         "workdir_parent": str(workdir.parent),
         "workdir_fs": _filesystem(workdir),
@@ -134,11 +144,13 @@ async def run(args: argparse.Namespace) -> int:
         check_settings()
     workdir = Path(tempfile.mkdtemp(prefix="livecomments-bench-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(scale, pinning, workdir, servers, args.out, args.profile, log, notes=notes)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = report.results_path(args.out, started_at, scale.name)
+    ctx = Context(scale, pinning, workdir, servers, path, args.profile, log, notes=notes)
     detail = asdict(scale) | {"pad": 80}
     results: dict[str, Any] = {
         "version": 1,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started_at,
         "scale": scale.name,
         "scale_detail": detail,
         "servers": list(servers),
@@ -146,6 +158,7 @@ async def run(args: argparse.Namespace) -> int:
         "pinning": asdict(pinning),
         "settings": {k: v for k, (v, _) in LIVECOMMENTS_SETTINGS.items()},
         "notes": notes,
+        "only": chosen if args.only else None,
         "loadavg_start": list(os.getloadavg()),
         "scenarios": {},
     }
@@ -156,9 +169,11 @@ async def run(args: argparse.Namespace) -> int:
     failures = 0
     interrupted = False
     try:
+        results["cpu_speed_start"] = await measure_cpu_speed(ctx, "start")
         for name in chosen:
             out: dict[str, Any] = results["scenarios"].setdefault(name, {})
             failures += not await run_scenario(ctx, name, out)
+        results["cpu_speed_end"] = await measure_cpu_speed(ctx, "end")
     except asyncio.CancelledError:
         interrupted = True
         results["interrupted"] = True
@@ -170,7 +185,6 @@ async def run(args: argparse.Namespace) -> int:
         results["targets"] = report.targets(results)
         results["profiles"] = ctx.profiles
         results["processes"] = started_processes()
-        path = report.results_path(args.out, results)
         report.write_json(path, results)
         if failures or interrupted or args.keep_workdir:
             log(f"logs kept in {workdir}")
@@ -180,6 +194,15 @@ async def run(args: argparse.Namespace) -> int:
         return 130
     print_report(results, path, args.markdown)
     return 1 if failures else 0
+
+
+async def measure_cpu_speed(ctx: Context, tag: str) -> dict[str, float] | None:
+    """How fast the server's core is now (bench/calibrate.py): figures of runs whose speeds
+    differ cannot be compared, whatever the busy share of the CPUs says."""
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        speed = await cpu_speed(group, tag, ctx.scale.calibrate_units)
+    log(f"cpu speed ({tag}): {speed}")
+    return speed
 
 
 async def run_scenario(ctx: Context, name: str, out: dict[str, Any]) -> bool:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.hist import Histogram
 from bench.leanws import Dialect
 from bench.procs import (
@@ -74,6 +76,14 @@ class Scale:
     many_s: float
     ingest_concurrency: tuple[int, ...]
     ingest_s: float
+    wrk_connections: int  # wrk runs right after the harness's level of this concurrency
+    wrk_s: int  # whole seconds: wrk's -d takes no fraction
+    calibrate_units: int  # units of bench/calibrate.py per CPU speed measurement
+    latency_n: int  # comments posted one at a time (after latency_warmup more)
+    latency_warmup: int
+    latency_redis: int  # Redis servers of the two-instance measurement; 0: not measured
+    drain_comments: int  # backlog queued while PostgreSQL is down; 0: not measured
+    drain_batches: tuple[int, ...]  # queue.flush_batch values tried
     fsync_n: int
     idle_n: int
     idle_posts: int
@@ -112,6 +122,14 @@ SCALES: dict[str, Scale] = {
         many_s=6.0,
         ingest_concurrency=(1, 50, 200),
         ingest_s=5.0,
+        wrk_connections=50,
+        wrk_s=10,
+        calibrate_units=10,
+        latency_n=1000,
+        latency_warmup=50,
+        latency_redis=2,
+        drain_comments=100_000,
+        drain_batches=(100, 1000, 5000),
         fsync_n=200,
         idle_n=10_000,
         idle_posts=1000,
@@ -120,7 +138,14 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=2,
         poster_connections=256,
         quiet_s=3.0,
-        caps={"hot_post": 330.0, "many_posts": 110.0, "ingest": 40.0, "idle": 100.0},
+        caps={
+            "hot_post": 330.0,
+            "many_posts": 110.0,
+            "ingest": 70.0,
+            "idle": 100.0,
+            "latency": 60.0,
+            "drain": 180.0,
+        },
     ),
     "quick": Scale(
         name="quick",
@@ -135,6 +160,14 @@ SCALES: dict[str, Scale] = {
         many_s=1.5,
         ingest_concurrency=(1, 50, 200),
         ingest_s=1.0,
+        wrk_connections=50,
+        wrk_s=2,
+        calibrate_units=5,
+        latency_n=100,
+        latency_warmup=10,
+        latency_redis=2,
+        drain_comments=5_000,
+        drain_batches=(1000,),
         fsync_n=50,
         idle_n=1000,
         idle_posts=100,
@@ -143,21 +176,36 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=2,
         poster_connections=64,
         quiet_s=1.0,
-        caps={"hot_post": 30.0, "many_posts": 15.0, "ingest": 10.0, "idle": 20.0},
+        caps={
+            "hot_post": 30.0,
+            "many_posts": 15.0,
+            "ingest": 20.0,
+            "idle": 20.0,
+            "latency": 30.0,
+            "drain": 30.0,
+        },
     ),
     "smoke": Scale(
         name="smoke",
         hot_sizes=(10,),
         hot_ladder=(1000,),
-        hot_step_s=0.4,
-        hot_half_s=0.4,
+        hot_step_s=0.2,
+        hot_half_s=0.2,
         hot_run_budget_s=3.0,
         many_posts=10,
         many_rate=40.0,
         many_warmup_s=0.2,
         many_s=0.4,
         ingest_concurrency=(1, 4),
-        ingest_s=0.4,
+        ingest_s=0.2,
+        wrk_connections=4,
+        wrk_s=1,
+        calibrate_units=2,
+        latency_n=10,
+        latency_warmup=3,
+        latency_redis=0,
+        drain_comments=0,
+        drain_batches=(),
         fsync_n=10,
         idle_n=20,
         idle_posts=5,
@@ -166,7 +214,14 @@ SCALES: dict[str, Scale] = {
         subscriber_workers=1,
         poster_connections=4,
         quiet_s=0.3,
-        caps={"hot_post": 20.0, "many_posts": 12.0, "ingest": 8.0, "idle": 10.0},
+        caps={
+            "hot_post": 20.0,
+            "many_posts": 12.0,
+            "ingest": 12.0,
+            "idle": 10.0,
+            "latency": 10.0,
+            "drain": 5.0,
+        },
     ),
 }
 
@@ -212,7 +267,7 @@ class Context:
     pinning: Pinning
     workdir: Path
     servers: Servers
-    results_dir: Path
+    results_path: Path  # this run's results file; its other files (profiles) take its name
     profile: bool = False
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
     profiles: list[dict[str, Any]] = field(default_factory=list)
@@ -230,18 +285,22 @@ class Server:
         return "lc" if self.kind == "livecomments" else "sio"
 
 
-async def start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> Server:
+async def start_server(
+    group: ProcGroup, ctx: Context, kind: str, tag: str, extra_env: dict[str, str] | None = None
+) -> Server:
     """A fresh server; one that dies while starting is tried once more (and the retry noted):
     once a fresh process got SIGTERM from outside the harness before it was ready."""
     try:
-        return await _start_server(group, ctx, kind, tag)
+        return await _start_server(group, ctx, kind, tag, extra_env)
     except ServerDied as e:
         ctx.log(f"{tag}: {e}; starting it again")
         ctx.notes.append(f"{tag}-{kind} died while starting ({str(e).splitlines()[0]}); retried")
-        return await _start_server(group, ctx, kind, f"{tag}-retry")
+        return await _start_server(group, ctx, kind, f"{tag}-retry", extra_env)
 
 
-async def _start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> Server:
+async def _start_server(
+    group: ProcGroup, ctx: Context, kind: str, tag: str, extra_env: dict[str, str] | None
+) -> Server:
     port = free_port()
     data = ctx.workdir / f"{tag}-{kind}"
     data.mkdir(parents=True, exist_ok=True)
@@ -256,6 +315,7 @@ async def _start_server(group: ProcGroup, ctx: Context, kind: str, tag: str) -> 
                 "LIVECOMMENTS_QUEUE_DIR": str(data / "queue"),
             }
         )
+        env.update(extra_env or {})
         argv = [sys.executable, "-m", "livecomments", "--config", os.devnull, "serve"]
     else:
         argv = [sys.executable, "-m", "bench.peer_socketio", "--port", str(port)]
@@ -332,13 +392,17 @@ class Load:
     sockets: int = 0
 
     @classmethod
-    async def start(cls, group: ProcGroup, server: Server, scale: Scale, tag: str) -> Load:
+    async def start(
+        cls, group: ProcGroup, server_starting: Awaitable[Server], scale: Scale, tag: str
+    ) -> Load:
+        """The load generators, spawned first so that they boot (on their own core) while the
+        server starts; then the server, awaited."""
         # One subscriber process per load generator CPU at least (more CPUs: more processes).
         cpus = group.pinning.loadgen_cpu_count
         workers = max(scale.subscriber_workers, cpus)
         subs = [await group.worker(f"{tag}-subs{i}", "subscribers") for i in range(workers)]
         poster = await group.worker(f"{tag}-poster", "poster")
-        return cls(subs, poster, server, scale.quiet_s, cpus)
+        return cls(subs, poster, await server_starting, scale.quiet_s, cpus)
 
     @property
     def pids(self) -> list[int]:
@@ -527,8 +591,9 @@ async def _hot_post_run(ctx: Context, kind: str, size: int, run: dict[str, Any])
     run_started = time.monotonic()
     tag = f"hot{size}"
     async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-        server = await start_server(group, ctx, kind, tag)
-        load = await Load.start(group, server, scale, f"{tag}-{kind}")
+        starting = start_server(group, ctx, kind, tag)
+        load = await Load.start(group, starting, scale, f"{tag}-{kind}")
+        server = load.server
         run["sockets"] = await load.open_sockets([["hot"]] * size, within=90)
         fanout = run["sockets"]["opened"]
         started = time.monotonic()  # the ladder's budget starts once everyone is subscribed
@@ -624,7 +689,8 @@ async def _profile_during(
     spy = _py_spy()
     if spy is None:
         return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
-    raw = ctx.results_dir / f"profile-{server.kind}-{time.strftime('%Y-%m-%d')}.txt"
+    results = ctx.results_path
+    raw = results.with_name(f"profile-{server.kind}-{results.stem}.txt")
     proc = await group.helper(
         "py-spy",
         [
@@ -721,8 +787,9 @@ async def many_posts(ctx: Context, out: dict[str, Any]) -> None:
         run: dict[str, Any] = out.setdefault(kind, {})
         ctx.log(f"many_posts: {kind}, {scale.many_posts} posts, {scale.many_rate:g} comments/s")
         async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-            server = await start_server(group, ctx, kind, "many")
-            load = await Load.start(group, server, scale, f"many-{kind}")
+            starting = start_server(group, ctx, kind, "many")
+            load = await Load.start(group, starting, scale, f"many-{kind}")
+            server = load.server
             run["sockets"] = await load.open_sockets(many_posts_layout(scale.many_posts), 90)
             await load.poster.call(
                 30,
@@ -770,26 +837,85 @@ def fsync_floor(directory: Path, n: int, size: int = 256) -> dict[str, Any]:
     }
 
 
+# Comments of the ingest scenario are spread round-robin over 100 posts, by the harness's poster
+# and by wrk alike: one post was a few percent faster than 100 in issue 8's runs, and the two
+# load generators should differ only in being two load generators.
+INGEST_POSTS = [f"ingest-{i}" for i in range(100)]
+WRK_SCRIPT = REPO / "bench" / "wrk_post.lua"
+WRK_POSTS = len(INGEST_POSTS)
+WRK_MESSAGE_CHARS = 100  # the harness's: `~<19-digit ns>~` and PAD characters, 101
+
+
+def wrk_command(connections: int, seconds: int, port: int) -> list[str]:
+    """The standard tool's ingest run, as an outsider would type it (bench/wrk_post.lua)."""
+    script = WRK_SCRIPT.relative_to(REPO)
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), _url(port)]
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The `wrk-result {...}` line that bench/wrk_post.lua's done() prints (the last one)."""
+    lines = [line for line in output.splitlines() if line.startswith("wrk-result ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result line:\n{output[-2000:]}")
+    raw: dict[str, int] = orjson.loads(lines[-1].removeprefix("wrk-result "))
+    seconds = raw["duration_us"] / 1e6
+    errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+    return {
+        "requests": raw["requests"],
+        "seconds": round(seconds, 3),
+        "comments_per_s": round(raw["requests"] / seconds, 1) if seconds else 0.0,
+        # wrk counts a status >= 400 as a status error; 201 and 200 look alike to it, which is
+        # why the server's own count of accepted comments is set beside `requests`.
+        "status_errors": raw["status_errors"],
+        "socket_errors": errors,
+        "ack": {
+            "n": raw["requests"],
+            "p50_ms": raw["p50_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000,
+            "p99_9_ms": raw["p99_9_us"] / 1000,
+            "max_ms": raw["max_us"] / 1000,
+        },
+    }
+
+
+async def cpu_speed(group: ProcGroup, tag: str, units: int) -> dict[str, float] | None:
+    """bench/calibrate.py on the server's core: CPU ms per fixed unit of work (lower: faster)."""
+    argv = [sys.executable, "-m", "bench.calibrate", str(units)]
+    code, output, _ = await group.run_once(f"calibrate-{tag}", "server", argv, within=30)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        return None
+    speed: dict[str, float] = orjson.loads(lines[-1])
+    return speed
+
+
 async def ingest(ctx: Context, out: dict[str, Any]) -> None:
     scale = ctx.scale
     run: dict[str, Any] = out.setdefault("livecomments", {})
     ctx.log("ingest: livecomments (python-socketio has no durable write to compare)")
     async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        poster = await group.worker("ingest-poster", "poster")  # boots while the server starts
         server = await start_server(group, ctx, "livecomments", "ingest")
         queue_dir = ctx.workdir / "ingest-livecomments" / "queue"
         run["fsync"] = await asyncio.to_thread(fsync_floor, queue_dir, scale.fsync_n)
         ctx.log(f"  fsync floor: {run['fsync']}")
-        poster = await group.worker("ingest-poster", "poster")
         await poster.call(30, cmd="connect", port=server.port, connections=1, pad=PAD)
         levels: dict[str, Any] = run.setdefault("concurrency", {})
         for c in scale.ingest_concurrency:
+            speed = await cpu_speed(group, f"ingest-c{c}", scale.calibrate_units)
             server_cpu, loadgen_cpu = CpuMeter([server.proc.pid]), CpuMeter([poster.pid])
+            system = SystemMeter()
             server_cpu.start()
             loadgen_cpu.start()
+            system.start()
             reply = await poster.call(
                 scale.ingest_s + 30,
                 cmd="closed",
-                post="ingest",
+                posts=INGEST_POSTS,
                 connections=c,
                 duration=scale.ingest_s,
             )
@@ -802,14 +928,68 @@ async def ingest(ctx: Context, out: dict[str, Any]) -> None:
                 "ack": ack.summary(),
                 "server_cpu": server_cpu.cores(),
                 "loadgen_cpu": loadgen_cpu.cores(),
+                "machine_cpu": system.stop(),
+                "cpu_speed": speed,
             }
             levels[str(c)] = level
             ctx.log(
                 f"  concurrency {c}: {level['comments_per_s']}/s, ack p50 "
                 f"{level['ack']['p50_ms']} p99 {level['ack']['p99_ms']} ms, "
-                f"server cpu {level['server_cpu']}, loadgen cpu {level['loadgen_cpu']}"
+                f"server cpu {level['server_cpu']}, loadgen cpu {level['loadgen_cpu']}, "
+                f"cpu speed {_unit_ms(speed)}"
             )
+            if c == scale.wrk_connections:
+                # Right after the harness's own level, on the same server: the two load
+                # generators are compared a few seconds apart, not a day apart.
+                run["wrk"] = await _wrk_ingest(ctx, group, server, c, scale.wrk_s)
         run["server_counters"] = await server_counters(server)
+
+
+def _unit_ms(speed: dict[str, float] | None) -> str:
+    return f"{speed['unit_ms']} ms/unit" if speed else "?"
+
+
+async def _wrk_ingest(
+    ctx: Context, group: ProcGroup, server: Server, connections: int, seconds: int
+) -> dict[str, Any]:
+    """wrk posting comments on the load generators' core, as the harness pins its own poster."""
+    if shutil.which("wrk") is None:
+        ctx.log("  wrk: skipped: wrk is not installed (apt-get install wrk); harness figures only")
+        return {"skipped": "wrk is not installed (apt-get install wrk)"}
+    argv = wrk_command(connections, seconds, server.port)
+    speed = await cpu_speed(group, "wrk", ctx.scale.calibrate_units)
+    before = await server_counters(server)
+    server_cpu, system = CpuMeter([server.proc.pid]), SystemMeter()
+    server_cpu.start()
+    system.start()
+    env = dict(os.environ, WRK_POSTS=str(WRK_POSTS), WRK_MESSAGE_CHARS=str(WRK_MESSAGE_CHARS))
+    code, output, wrk_cpu = await group.run_once("ingest-wrk", "loadgen", argv, seconds + 30, env)
+    wall = server_cpu.elapsed()
+    result = {
+        "command": " ".join(
+            group.pinning.prefix("loadgen") + argv[:-1] + ["http://127.0.0.1:PORT"]
+        ),
+        "connections": connections,
+        "posts": WRK_POSTS,
+        "message_chars": WRK_MESSAGE_CHARS,
+        "exit": code,
+        **parse_wrk(output),
+        "server_cpu": server_cpu.cores(),
+        "loadgen_cpu": round(wrk_cpu / wall, 3) if wall > 0 else 0.0,
+        "machine_cpu": system.stop(),
+        "cpu_speed": speed,
+    }
+    after = await server_counters(server)
+    key = "comments_accepted_total"
+    if key in before and key in after:
+        result["accepted_by_server"] = int(after[key] - before[key])
+    ack = result["ack"]
+    ctx.log(
+        f"  wrk -c{connections}: {result['comments_per_s']}/s, ack p50 {ack['p50_ms']} "
+        f"p99 {ack['p99_ms']} ms, server cpu {result['server_cpu']}, "
+        f"wrk cpu {result['loadgen_cpu']}, cpu speed {_unit_ms(speed)}"
+    )
+    return result
 
 
 # -- 4. idle -----------------------------------------------------------------------------------
@@ -821,8 +1001,9 @@ async def idle(ctx: Context, out: dict[str, Any]) -> None:
         run: dict[str, Any] = out.setdefault(kind, {})
         ctx.log(f"idle: {kind}, {scale.idle_n} sockets")
         async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-            server = await start_server(group, ctx, kind, "idle")
-            load = await Load.start(group, server, scale, f"idle-{kind}")
+            starting = start_server(group, ctx, kind, "idle")
+            load = await Load.start(group, starting, scale, f"idle-{kind}")
+            server = load.server
             # Warm up: the first sockets load code paths and caches that are not per socket.
             await load.open_sockets([["warm"]] * 16, 30)
             await load.each(10, cmd="close", within=1.0)
@@ -855,10 +1036,146 @@ async def idle(ctx: Context, out: dict[str, Any]) -> None:
             )
 
 
+# -- 5. one comment at a time -------------------------------------------------------------------
+
+
+async def latency(ctx: Context, out: dict[str, Any]) -> None:
+    """POST -> socket with nothing else going on: each comment waits for the previous one to
+    arrive (bench/latency.py's loop, in the orchestrator on the load generators' core). First one
+    instance, the socket on the instance that took the POST; then two instances sharing
+    `latency_redis` private redis-server processes, the socket on the other instance, so every
+    comment crosses Redis. Every server-side process (instances, Redis) is on the server's core."""
+    scale = ctx.scale
+    run: dict[str, Any] = out.setdefault("livecomments", {})
+    ctx.log(f"latency: livecomments, {scale.latency_n} comments one at a time")
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        server = await start_server(group, ctx, "livecomments", "latency")
+        run["one_instance"] = await _one_at_a_time(ctx, server, server)
+    if not scale.latency_redis:
+        return
+    if shutil.which("redis-server") is None:
+        why = "redis-server is not installed"
+        ctx.log(f"  via Redis: skipped: {why}")
+        run["via_redis"] = {"skipped": why}
+        return
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        ports = [
+            await start_redis(group, ctx, f"latency-redis{i}") for i in range(scale.latency_redis)
+        ]
+        urls = ",".join(f"redis://127.0.0.1:{port}/0" for port in ports)
+        env = {"LIVECOMMENTS_REDIS_URLS": urls}
+        poster = await start_server(group, ctx, "livecomments", "latency-i1", env)
+        watcher = await start_server(group, ctx, "livecomments", "latency-i2", env)
+        run["via_redis"] = await _one_at_a_time(ctx, poster, watcher)
+        run["via_redis"]["redis_servers"] = scale.latency_redis
+
+
+async def _one_at_a_time(ctx: Context, poster: Server, watcher: Server) -> dict[str, Any]:
+    from bench.latency import one_at_a_time  # noqa: PLC0415 (aiohttp's client: this scenario only)
+
+    scale = ctx.scale
+    to_socket, to_ack = await one_at_a_time(
+        _url(poster.port), _url(watcher.port) + "/v1/ws", scale.latency_n, scale.latency_warmup
+    )
+    socket_hist, ack_hist = Histogram(), Histogram()
+    for ms in to_socket:
+        socket_hist.add(round(ms * 1000))
+    for ms in to_ack:
+        ack_hist.add(round(ms * 1000))
+    result = {"to_socket": socket_hist.summary(), "to_ack": ack_hist.summary()}
+    where = "one instance" if poster is watcher else "via Redis"
+    ctx.log(
+        f"  {where}: POST -> socket p50 {result['to_socket']['p50_ms']} p99 "
+        f"{result['to_socket']['p99_ms']} ms; POST -> 201 p50 {result['to_ack']['p50_ms']} "
+        f"p99 {result['to_ack']['p99_ms']} ms"
+    )
+    return result
+
+
+async def start_redis(group: ProcGroup, ctx: Context, name: str) -> int:
+    """A private redis-server on a free port (never the machine's shared 6379), no persistence,
+    on the server's core; its port once it answers PING."""
+    port = free_port()
+    data = ctx.workdir / name
+    data.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(data)]
+    await group.service(name, argv, _redis_answers, port)
+    return port
+
+
+async def _redis_answers(port: int) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+# -- 6. backlog drain into PostgreSQL ------------------------------------------------------------
+
+
+def postgres_installed() -> bool:
+    """As bench/drain_postgres.py decides (tests/pg_cluster.py finds the binaries)."""
+    return shutil.which("pg_ctl") is not None or Path("/usr/lib/postgresql").is_dir()
+
+
+def parse_drain(output: str) -> dict[str, Any]:
+    """The `drain-result {...}` line of bench/drain_postgres.py (the last one)."""
+    lines = [line for line in output.splitlines() if line.startswith("drain-result ")]
+    if not lines:
+        raise RuntimeError(f"drain_postgres printed no result line:\n{output[-2000:]}")
+    result: dict[str, Any] = orjson.loads(lines[-1].removeprefix("drain-result "))
+    return result
+
+
+async def drain(ctx: Context, out: dict[str, Any]) -> None:
+    """`python -m bench.drain_postgres` per `drain_batches`: a backlog queued while a private
+    PostgreSQL was down, drained once it is back, through the service's own queue, flusher and
+    store. Not one core: the tool and the PostgreSQL it starts share both CPUs (a database has
+    its own machine in production)."""
+    scale = ctx.scale
+    run: dict[str, Any] = out.setdefault("livecomments", {})
+    if not scale.drain_comments:
+        ctx.log(f"drain: not run in {scale.name} mode")
+        run["skipped"] = f"not run in {scale.name} mode"
+        return
+    if not postgres_installed():
+        why = "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+        ctx.log(f"drain: skipped: {why}")
+        run["skipped"] = why
+        return
+    batches: dict[str, Any] = run.setdefault("batch", {})
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        for batch in scale.drain_batches:
+            ctx.log(f"drain: {scale.drain_comments:,} comments, batch {batch}")
+            argv = [sys.executable, "-m", "bench.drain_postgres"]
+            argv += ["--comments", str(scale.drain_comments), "--batch", str(batch)]
+            code, output, _ = await group.run_once(f"drain-{batch}", "both", argv, within=120)
+            if code != 0:
+                raise RuntimeError(f"drain_postgres exited {code}:\n{output[-2000:]}")
+            result = parse_drain(output)
+            batches[str(batch)] = result
+            ctx.log(
+                f"  drained {result['drain_per_s']:,}/s; enqueued {result['enqueue_per_s']:,}/s; "
+                f"{result['queue_bytes_per_comment']} bytes per comment in the queue"
+            )
+
+
 Scenario = Callable[[Context, dict[str, Any]], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "hot_post": hot_post,
     "many_posts": many_posts,
     "ingest": ingest,
     "idle": idle,
+    "latency": latency,
+    "drain": drain,
 }
