@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from livecomments.api.app import apply_reload, create_app, runner_options
+from livecomments.api.app import apply_reload, create_app, drain, runner_options
 from livecomments.api.keys import IDS
 from livecomments.config import ConfigError, Settings, load_settings
 from livecomments.storage import open_store
@@ -153,23 +153,49 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         port,
         "pending" if instance is None else instance,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_sighup() -> None:
-        task = asyncio.create_task(_reload(app, config_path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await stop.wait()
-    log.info("stopping: closing sockets, flushing the queue")
+    await _until_stopped(app, config_path)
+    log.info("stopping: flushing the queue into the streams and the database")
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _until_stopped(app: web.Application, config_path: str | None) -> None:
+    """Serve until a signal says stop. SIGTERM drains first (viewers are handed to other nodes
+    over server.drain_seconds, see api/lifecycle.py); SIGINT, or a second signal during the
+    drain, stops at once (sockets closed with 1001). SIGUSR1 drains and keeps running, for a node
+    about to be removed; SIGHUP reloads the config."""
+    stop = asyncio.Event()
+    drain_first = True
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_stop(drain: bool) -> None:
+        nonlocal drain_first
+        drain_first = drain_first and drain and not stop.is_set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, True)
+    loop.add_signal_handler(signal.SIGINT, on_stop, False)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: spawn(drain(app)))
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(app, config_path)))
+    await stop.wait()
+    if drain_first:
+        stop.clear()
+        draining = asyncio.create_task(drain(app))
+        again = asyncio.create_task(stop.wait())  # a second signal cuts the drain short
+        await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (draining, again):
+            task.cancel()
+        await asyncio.gather(draining, again, return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _bound_address(runner: web.AppRunner) -> tuple[str, int]:

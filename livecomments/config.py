@@ -34,7 +34,9 @@ class ServerSettings:
     # 0-1023, part of every comment id: it must differ between instances sharing a store.
     # -1: claim a free one, leased in the store (lease.py).
     instance_id: int = -1
-    # Seconds SIGTERM waits for sockets to close and the queue to flush before exiting.
+    # Seconds a drain (SIGTERM, SIGUSR1) spreads its sockets' reconnects over.
+    drain_seconds: float = 10.0
+    # Seconds, after the drain, the outbox gets to reach the shards and the database.
     shutdown_timeout: float = 10.0
 
 
@@ -108,6 +110,17 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # Publications kept per post for clients that come back (recovery) and for GET on any node.
+    size: int = 2000
+    # Seconds a publication is kept (in Redis: since the post's last publication).
+    ttl: float = 600.0
+    # Seconds a post's position (epoch and offset) outlives its last use; past it, the post's
+    # next comment starts a new epoch (its viewers reload once).
+    meta_ttl: float = 86400.0
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: LogLevel = "INFO"
 
@@ -121,6 +134,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -129,6 +143,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "server.port": (0, 65535),
     "server.instance_id": (-1, 1023),
     "server.shutdown_timeout": (0, 3600),
+    "server.drain_seconds": (0, 3600),
     "http.idle_timeout": (0.5, 3600),
     "http.body_timeout": (0.5, 3600),
     "queue.max_bytes": (1024, 1 << 50),
@@ -144,6 +159,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.posts_per_instance": (1, 10_000_000),
     "limits.retry_window_bytes": (0, 1 << 40),
     "limits.max_connections": (1, 1_000_000),
+    "history.size": (1, 1_000_000),
+    "history.ttl": (1, 7 * 86400),
+    "history.meta_ttl": (60, 365 * 86400),
     "redis.probe_interval": (0.05, 3600),
     "redis.publish_buffer": (1, 10_000_000),
     "redis.publish_retry": (0, 3600),
@@ -279,6 +297,8 @@ def min_body_bytes(limits: LimitsSettings) -> int:
 def _check_relations(s: Settings) -> None:
     if s.limits.page_default > s.limits.page_max:
         raise ConfigError("limits.page_default: must not exceed limits.page_max")
+    if s.history.meta_ttl < s.history.ttl:
+        raise ConfigError("history.meta_ttl: must be at least history.ttl")
     if s.limits.body_max_bytes < min_body_bytes(s.limits):
         raise ConfigError(
             f"limits.body_max_bytes: must be at least {min_body_bytes(s.limits)} so that a "

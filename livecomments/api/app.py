@@ -1,14 +1,15 @@
 """The service as one aiohttp app: a thin factory that wires the rooms together.
 
 Follow one comment through them in order: api/rest.py (checked, given an id) -> storage/log.py
-(durable in the write-ahead queue, then 201; flushed into the database later) -> live/hub.py
-(fanned out to this instance's sockets, live/conn.py) -> live/redis/ (to every other instance,
-whose hub fans it out to its own sockets).
+(durable in the write-ahead queue, then 201; flushed into the database later) ->
+storage/publisher.py (appended to its post's stream) -> live/broker.py or live/redis/ (the
+stream's shard gives it its offset and publishes it to every node following the post) ->
+live/hub.py (on each node, in stream order, to the post's sockets, live/conn.py).
 
 Each long-lived resource is its own cleanup context, started in this order and stopped in the
 reverse one: the durable log (queue, store, flusher), the instance id (leased in the store), the
-hub (with its bridge), the heartbeat. Every error leaves as `{"error": {"code", "message"}}`
-(api/errors.py), unknown routes included.
+hub (with its broker), the outbox publisher, the heartbeat. Every error leaves as
+`{"error": {"code", "message"}}` (api/errors.py), unknown routes included.
 """
 
 from __future__ import annotations
@@ -32,24 +33,27 @@ from livecomments.api.keys import (
     LEASE,
     LIFECYCLE,
     LOG,
+    PUBLISHER,
     RECENT,
     SETTINGS,
 )
 from livecomments.api.lifecycle import Lifecycle
 from livecomments.config import Settings
-from livecomments.live.bridge import Bridge, open_bridge
+from livecomments.live.broker import Broker, open_broker
 from livecomments.live.conn import Conn, WriteBatcher
 from livecomments.live.heartbeat import Heartbeat
 from livecomments.live.hub import Hub
 from livecomments.storage.lease import run_instance_ids
 from livecomments.storage.log import run_durable_log
+from livecomments.storage.publisher import StreamPublisher
+from livecomments.storage.queue import WriteAheadQueue
 from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Application:
-    """The whole service; `bridge` replaces the one `redis.urls` asks for (tests)."""
+def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+    """The whole service; `broker` replaces the one `redis.urls` asks for (tests)."""
     app = web.Application(
         client_max_size=settings.limits.body_max_bytes, middlewares=[error_middleware]
     )
@@ -57,11 +61,16 @@ def create_app(settings: Settings, bridge: Bridge | None = None) -> web.Applicat
     app[RECENT] = RecentRequests(settings.limits.retry_window_bytes)
     app[CONNS] = set()
     app[BATCHER] = WriteBatcher()
-    app[LIFECYCLE] = Lifecycle(settings.server.shutdown_timeout)
-    app[HUB] = Hub(bridge or open_bridge(settings.redis), settings.limits.posts_per_instance)
+    app[LIFECYCLE] = Lifecycle(settings.server.shutdown_timeout, settings.server.drain_seconds)
+    app[HUB] = Hub(
+        broker or open_broker(settings.redis, settings.history),
+        settings.limits.posts_per_instance,
+        settings.history.size,
+    )
     app.cleanup_ctx.append(durable_log_ctx)
     app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(outbox_ctx)
     app.cleanup_ctx.append(heartbeat_ctx)
     app.on_shutdown.append(begin_stop)
     app.router.add_get("/", rest.index)
@@ -129,6 +138,49 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
         await hub.stop()
 
 
+async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's publisher: queued comments into their streams (storage/publisher.py). On
+    the way out it gets what is left of the stop deadline to append what it still owes."""
+    durable, hub = app[LOG], app[HUB]
+    publisher = StreamPublisher(durable.queue, hub.broker, hub.deliver_unsequenced)
+    durable.streams = hub.broker
+    app[PUBLISHER] = publisher
+    checks: set[asyncio.Task[None]] = set()
+
+    def reconnected() -> None:
+        publisher.unpark()
+        task = asyncio.get_running_loop().create_task(publisher.verify_appended())
+        checks.add(task)
+        task.add_done_callback(checks.discard)
+
+    hub.broker.on_reconnect(reconnected)
+    await publisher.verify_appended()
+    worker = asyncio.create_task(publisher.worker(), name="outbox-publish-worker")
+    try:
+        yield
+    finally:
+        await _until_appended(durable.queue, app[LIFECYCLE].stop_deadline)
+        for task in (worker, *checks):
+            task.cancel()
+        await asyncio.gather(worker, *checks, return_exceptions=True)
+
+
+async def _until_appended(queue: WriteAheadQueue, deadline: float | None) -> None:
+    """Wait (until the stop deadline) for every queued comment to be in its stream."""
+    loop = asyncio.get_running_loop()
+    left = 0.0 if deadline is None else deadline - loop.time()
+    try:
+        async with asyncio.timeout(max(0.0, left)):
+            await queue.rows.all_appended.wait()
+    except TimeoutError:
+        pass
+    if queue.rows.unappended_count():
+        log.warning(
+            "shutdown: %d comments wait for their stream until the next start",
+            queue.rows.unappended_count(),
+        )
+
+
 async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     """Pings quiet sockets and cuts dead ones (live/heartbeat.py)."""
     conns: set[Conn] = app[CONNS]
@@ -139,6 +191,12 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
+
+
+async def drain(app: web.Application) -> None:
+    """Hand this node's viewers to the others (api/lifecycle.py); it keeps taking POSTs."""
+    conns: set[Conn] = app[CONNS]
+    await app[LIFECYCLE].drain(conns)
 
 
 async def begin_stop(app: web.Application) -> None:

@@ -1,7 +1,8 @@
 """What the app holds, by typed key: every long-lived resource a handler reaches.
 
 Set once: SETTINGS, RECENT, CONNS, BATCHER, LIFECYCLE and HUB by `create_app`; LOG by the durable
-log's context, IDS and LEASE by the instance-id context (app.py), before the first request.
+log's context, IDS and LEASE by the instance-id context, PUBLISHER by the outbox's (app.py),
+before the first request.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from livecomments.live.hub import Hub
 from livecomments.model.ids import SnowflakeGenerator
 from livecomments.storage.lease import InstanceLease
 from livecomments.storage.log import DurableLog
+from livecomments.storage.publisher import StreamPublisher
 
 SETTINGS = web.AppKey("settings", Settings)
 LOG = web.AppKey("durable_log", DurableLog)
 IDS = web.AppKey("ids", SnowflakeGenerator)
 LEASE = web.AppKey("lease", InstanceLease)
+PUBLISHER = web.AppKey("publisher", StreamPublisher)
 HUB = web.AppKey("hub", Hub)
 RECENT = web.AppKey("recent", RecentRequests)
 CONNS = web.AppKey[set[Conn]]("conns")

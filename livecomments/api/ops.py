@@ -6,7 +6,7 @@ from aiohttp import web
 
 from livecomments import metrics as exported
 from livecomments.api.errors import json_response
-from livecomments.api.keys import CONNS, HUB, IDS, LEASE, LIFECYCLE, LOG
+from livecomments.api.keys import CONNS, HUB, IDS, LEASE, LIFECYCLE, LOG, PUBLISHER
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,15 +15,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 while this instance can take comments, 503 when it cannot; the body says what is
-    not ready and what is degraded (the store, the bridge to other instances)."""
+    """200 while this instance takes comments and sockets, 503 when it does not (stopping,
+    draining, the queue full or unwritable, no instance id); the body says what is not ready
+    and what is degraded (the store, the broker and its shards)."""
     app = request.app
     durable = app[LOG]
     store = durable.status()
-    bridge = app[HUB].bridge_status()
+    broker = app[HUB].broker_status()
     not_ready = []
     if app[LIFECYCLE].stopping:
         not_ready.append("shutting_down")
+    elif app[LIFECYCLE].draining:
+        not_ready.append("draining")
     if durable.queue.refusing:
         not_ready.append("queue_full")
     if durable.queue.write_error is not None:
@@ -32,14 +35,15 @@ async def readyz(request: web.Request) -> web.Response:
         not_ready.append("instance_id_conflict")
     if app[IDS].instance_id is None:
         not_ready.append("instance_id_pending")
-    degraded = store["status"] != "ok" or bridge.get("status") != "ok"
+    degraded = store["status"] != "ok" or broker.get("status") != "ok"
     status = "unavailable" if not_ready else ("degraded" if degraded else "ok")
     body = {
         "status": status,
         "not_ready": not_ready,
         "store": store,
         "hub": app[HUB].status(),
-        "bridge": bridge,
+        "outbox": app[PUBLISHER].status(),
+        "broker": broker,
         "connections": len(app[CONNS]),
     }
     return json_response(body, status=503 if not_ready else 200)

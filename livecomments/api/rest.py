@@ -4,11 +4,12 @@
       (model/comment.py), a retry recognised by its client_msg_id (dedupe.py), a snowflake id
       given (model/ids.py)
       -> DurableLog.accept() (storage/log.py): fsync'd in the write-ahead queue; only then 201
-      -> Hub.publish() (live/hub.py): to this instance's sockets and, through the bridge, to
-         every other instance's.
+      -> the outbox's publisher (storage/publisher.py) appends it to its post's stream, whose
+         shard publishes it to every node's hub (live/hub.py) and so to every viewer.
 
-`GET /v1/comments` pages through a post: the database merged with what is still queued here
-(storage/log.py), so a comment is listed as soon as its POST returned.
+`GET /v1/comments` pages through a post: the database merged with what is still queued here and
+with the post's stream history (storage/log.py), so a comment is listed here as soon as its POST
+returned, and on every instance as soon as any viewer was sent it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from livecomments.api.errors import (
     json_response,
     retry_after,
 )
-from livecomments.api.keys import HUB, IDS, LEASE, LOG, RECENT, SETTINGS
+from livecomments.api.keys import IDS, LEASE, LOG, RECENT, SETTINGS
 from livecomments.config import Settings
 from livecomments.model.comment import check_key, draft_from
 from livecomments.model.ids import MAX_SNOWFLAKE, wall_clock_ms
@@ -98,7 +99,6 @@ async def create_comment(request: web.Request, fields: Mapping[str, Any]) -> web
         app[RECENT].settle(key, comment_json)
     metrics.COMMENTS_ACCEPTED.inc()
     metrics.POST_ACK_SECONDS.observe(time.perf_counter() - started)
-    app[HUB].publish(comment.post_id, comment_json)
     return _created(comment_json)
 
 

@@ -1,9 +1,10 @@
 """The WebSocket side of the API: `GET /v1/ws[?post_id=P]`, JSON text frames both ways.
 
 A socket becomes a `Conn` (live/conn.py: its bounded outbox) and joins the hub (live/hub.py)
-for each post it subscribes to; from then on the hub writes to it, and this module only reads:
-subscribe, unsubscribe, ping. Every event sent is built by live/events.py. Bad input gets an
-`error` event and the socket stays open; a binary frame closes it with 1003, a frame over
+for each post it subscribes to, with the position it has, if any (`epoch` and `offset`): the hub
+answers `subscribed` and replays what it missed, then writes the post's stream to it. This module
+only reads: subscribe, unsubscribe, ping. Every event sent is built by live/events.py. Bad input
+gets an `error` event and the socket stays open; a binary frame closes it with 1003, a frame over
 `limits.ws_frame_max_bytes` with 1009.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
 
 from livecomments import metrics
-from livecomments.api.errors import ApiError
+from livecomments.api.errors import ApiError, invalid
 from livecomments.api.keys import BATCHER, CONNS, HUB, LIFECYCLE, SETTINGS
 from livecomments.live import events
 from livecomments.live.conn import (
@@ -29,23 +31,28 @@ from livecomments.live.conn import (
 )
 from livecomments.live.hub import TooManyPosts
 from livecomments.model.comment import check_key
+from livecomments.model.stream import Position
 
 log = logging.getLogger(__name__)
 
 _PONG = text_frame(events.PONG)
+# Characters of an epoch a client may send back (ours are 16).
+MAX_EPOCH_CHARS = 64
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """Upgrade, subscribe to `?post_id=` if given, read until the socket ends, leave the hub."""
     app = request.app
     settings = app[SETTINGS]
-    if app[LIFECYCLE].stopping:
-        raise ApiError(503, "shutting_down", "this instance is shutting down; reconnect elsewhere")
+    if app[LIFECYCLE].refusing_sockets:
+        raise ApiError(
+            503, "shutting_down", "this instance is draining or stopping; connect to another one"
+        )
     if len(app[CONNS]) >= settings.limits.max_connections:
         raise ApiError(503, "too_many_connections", "this instance is at its connection limit")
-    first_post = None
+    first: tuple[str, Position | None] | None = None
     if "post_id" in request.query:
-        first_post = check_key("post_id", request.query["post_id"], settings.limits.id_max_chars)
+        first = _target(request.query, settings.limits.id_max_chars)
     ws = web.WebSocketResponse(
         # Pings are ours (live/heartbeat.py): one worker for every socket, and a pong must reach
         # the read loop to count as a sign of life.
@@ -68,8 +75,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     app[CONNS].add(conn)
     metrics.WS_CONNECTIONS_ACCEPTED.inc()
     try:
-        if first_post is not None:
-            await _subscribe(app, conn, first_post)
+        if first is not None:
+            await _subscribe(app, conn, *first)
         await _read_loop(app, conn)
     finally:
         app[CONNS].discard(conn)
@@ -109,12 +116,11 @@ async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
     if kind not in ("subscribe", "unsubscribe"):
         return _send_error(conn, "unknown_type", f"unknown event type {kind[:64]!r}")
     try:
-        post_id = check_key("post_id", event.get("post_id"), app[SETTINGS].limits.id_max_chars)
+        post_id, since = _target(event, app[SETTINGS].limits.id_max_chars)
     except ApiError as e:
         return _send_error(conn, e.code, e.message)
-    assert post_id is not None
     if kind == "subscribe":
-        await _subscribe(app, conn, post_id)
+        await _subscribe(app, conn, post_id, since)
     else:
         conn.posts.discard(post_id)
         await app[HUB].unsubscribe(conn, post_id)
@@ -122,19 +128,37 @@ async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
     return None
 
 
-async def _subscribe(app: web.Application, conn: Conn, post_id: str) -> None:
+def _target(fields: Mapping[str, Any], id_max_chars: int) -> tuple[str, Position | None]:
+    """The post of a subscribe (event or query string), and the position the client has, if
+    it gave one: `epoch` and `offset` together, or neither."""
+    post_id = check_key("post_id", fields.get("post_id"), id_max_chars)
+    assert post_id is not None
+    epoch, offset = fields.get("epoch"), fields.get("offset")
+    if epoch is None and offset is None:
+        return post_id, None
+    if not isinstance(epoch, str) or not 1 <= len(epoch) <= MAX_EPOCH_CHARS:
+        raise invalid("epoch", "must be the epoch string a server sent (with offset)")
+    if isinstance(offset, str) and offset.isascii() and offset.isdigit() and len(offset) < 19:
+        offset = int(offset)  # from a query string
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 1 << 62:
+        raise invalid("offset", "must be the whole number of the last offset received")
+    return post_id, Position(epoch, offset)
+
+
+async def _subscribe(
+    app: web.Application, conn: Conn, post_id: str, since: Position | None
+) -> None:
     limit = app[SETTINGS].limits.posts_per_socket
     if post_id not in conn.posts and len(conn.posts) >= limit:
         return _send_error(conn, "too_many_posts", f"a socket may watch at most {limit} posts")
     try:
-        await app[HUB].subscribe(conn, post_id)
+        await app[HUB].subscribe(conn, post_id, since)  # answers `subscribed` itself
     except TooManyPosts as e:
         return _send_error(conn, "too_many_posts", str(e))
     except Exception as e:
         log.warning("hub: subscribe %s failed: %s", post_id, e)
         return _send_error(conn, "subscribe_failed", "cannot follow this post right now")
     conn.posts.add(post_id)
-    conn.offer(text_frame(events.subscribed(post_id)))
     return None
 
 

@@ -13,11 +13,12 @@ Guarantees a store must keep (tests/contract/test_store_contract.py holds both t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from livecomments.model.comment import Comment
+from livecomments.model.stream import Entry, Position
 
 
 class StoreUnavailable(Exception):
@@ -71,6 +72,23 @@ class LeaseStore(Protocol):
 
     async def release_lease(self, instance_id: int, holder: str) -> None:
         """Drop the lease if it is still `holder`'s."""
+
+
+class Streams(Protocol):
+    """Where the outbox appends comments and GET finds recent ones: the live side's broker
+    (live/broker.py), seen from storage. Failures are `ConnectionError`s."""
+
+    async def append(self, entries: Sequence[Entry]) -> list[Position | None]:
+        """Per entry its stream position, None if its shard cannot be reached now."""
+
+    async def position(self, post_id: str) -> Position:
+        """Where the post's stream is now."""
+
+    async def recent(
+        self, post_id: str, after: int | None, before: int | None, limit: int
+    ) -> list[bytes]:
+        """Comment JSON the post's stream history holds: the oldest `limit` after `after`, or
+        the newest `limit` (before `before`, if given)."""
 
 
 class LeasingStore(CommentStore, LeaseStore, Protocol):

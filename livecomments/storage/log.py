@@ -26,7 +26,14 @@ from livecomments.backoff import Backoff
 from livecomments.config import Settings
 from livecomments.model.comment import Comment
 from livecomments.storage import open_store
-from livecomments.storage.base import LeaseStore, LeasingStore, PageQuery, StoreUnavailable, window
+from livecomments.storage.base import (
+    LeaseStore,
+    LeasingStore,
+    PageQuery,
+    StoreUnavailable,
+    Streams,
+    window,
+)
 from livecomments.storage.queue import WriteAheadQueue
 from livecomments.urls import redact_url
 
@@ -49,6 +56,8 @@ class DurableLog:
         self._retry_max = retry_max
         self.store_ok = True
         self.store_open = False
+        # The live side's streams, once the broker runs (app.py): GET merges their history.
+        self.streams: Streams | None = None
         self._opened = asyncio.Event()
         self.flushed = 0
         self.flush_errors = 0
@@ -91,20 +100,41 @@ class DurableLog:
         return await self.queue.enqueue(comment)
 
     async def page(self, query: PageQuery) -> tuple[list[Comment], bool]:
-        # The queue first, then the database: a comment acked by the flusher while the database
-        # read is in flight is gone from the queue, and only a read that starts after the ack
-        # is sure to see it in the database. (The other order lost it: read-your-writes broke.)
-        queued = self.queue.pending_page(query.post_id, query.limit + 1, query.before, query.after)
+        """The page, complete across instances: what the post's stream history holds (comments
+        other instances accepted and any viewer was sent, flushed or not), what this instance
+        still queues, and the database."""
+        # The stream and the queue first, then the database: a comment flushed while the
+        # database read is in flight is gone from the queue, and only a read that starts after
+        # the flush is sure to see it in the database. (The other order lost it.)
+        recent = await self._recent(query)
+        queued = self.queue.rows.page(query.post_id, query.limit + 1, query.before, query.after)
         try:
             stored = await self.store.page(query)
         except Exception as e:
             # Not recorded as the store's health: the flusher owns that, and one slow read is
             # not the database being down.
             raise StoreUnavailable(str(e)) from e
-        # Both sides hold their own window of limit+1; the page's window lies in their union.
-        merged = {c.id: c for c in stored}
+        # Each source holds its own window of limit+1; the page's window lies in their union.
+        merged = {c.id: c for c in recent}
+        merged.update((c.id, c) for c in stored)
         merged.update((c.id, c) for c in queued)
         return window(sorted(merged.values(), key=lambda c: c.id), query)
+
+    async def _recent(self, query: PageQuery) -> list[Comment]:
+        """The stream history's part of a page. If the post's shard does not answer, the page
+        is what this instance knows: its viewers were given no position meanwhile, and get a
+        `reset`, so a reload, once the shard is back."""
+        if self.streams is None:
+            return []
+        try:
+            bodies = await self.streams.recent(
+                query.post_id, query.after, query.before, query.limit + 1
+            )
+        except ConnectionError as e:
+            log.debug("page of %s without the stream's history: %s", query.post_id, e)
+            return []
+        comments = [Comment.decode(body) for body in bodies]
+        return [c for c in comments if _in_window(c.id, query)]
 
     async def open_and_flush_worker(self) -> None:
         """Opens the store if start-up could not, then flushes; both retry until cancelled."""
@@ -121,8 +151,8 @@ class DurableLog:
         """Move queued comments to the store until cancelled; never gives up, never drops."""
         backoff = Backoff(cap=self._retry_max)
         while True:
-            await self.queue.wait_pending()
-            batch = self.queue.oldest(self._flush_batch)
+            await self.queue.rows.has_unstored.wait()
+            batch = self.queue.rows.unstored(self._flush_batch)
             try:
                 collisions = await self.store.insert_many(batch)
             except Exception as e:  # CancelledError is not an Exception: it still stops us
@@ -137,9 +167,9 @@ class DurableLog:
                 self._report_collisions(collisions)
             self.flushed += len(batch)
             metrics.FLUSHED.inc(len(batch))
-            # A delete the queue cannot write is its own to retry (queue.py, _repair_worker); at
+            # A mark the queue cannot write is its own to retry (queue.py, _repair_worker); at
             # worst the rows are flushed again after a restart, which insert_many makes harmless.
-            await self.queue.ack(batch)
+            await self.queue.mark_stored([c.id for c in batch])
 
     def _report_collisions(self, collisions: list[Comment]) -> None:
         """Acknowledged comments the store could not keep: their id was already another
@@ -175,6 +205,12 @@ class DurableLog:
             "last_error": None if self.store_ok else self.last_flush_error,
             "queue_error": self.queue.write_error,
         }
+
+
+def _in_window(comment_id: int, query: PageQuery) -> bool:
+    if query.after is not None:
+        return comment_id > query.after
+    return query.before is None or comment_id < query.before
 
 
 @asynccontextmanager

@@ -5,9 +5,11 @@ Guarantees:
 * `enqueue()` returns only after the comment is committed to a SQLite file in WAL mode with
   `synchronous=FULL`, i.e. fsync'd. Concurrent callers share one commit (group commit): while one
   commit is on disk, the next callers gather, and all of them ride the following commit.
-* Everything committed and not yet `ack()`ed stays in memory too (`pending`, bounded by
-  `max_bytes`), so a flusher can move it to the store and readers can see it before the store has
-  it. After a crash the file is replayed into memory at `open()`.
+* The queue is the outbox: a comment stays until it is both stored in the database and appended
+  to its post's stream (`mark_stored`, `mark_appended`), in memory too (`rows`, pending.py,
+  bounded by `max_bytes`), so the flusher and the publisher take their work from memory and
+  readers see a comment before the database has it. After a crash the file is replayed into
+  memory at `open()`, with what each comment was still owed.
 * Past `max_bytes` of unflushed comments, `enqueue()` raises `QueueFull` instead of accepting what
   it might not be able to keep.
 * When a write fails (a full disk, an I/O error), `enqueue()` refuses at once with the real cause
@@ -22,17 +24,15 @@ never the event loop.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 import logging
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from livecomments.model.comment import Comment
-from livecomments.storage.queue_file import QUEUE_FILE, QueueFile, QueueUnusable
+from livecomments.storage.pending import PendingRows
+from livecomments.storage.queue_file import QUEUE_FILE, Marks, QueueFile, QueueUnusable
 
 __all__ = ["QUEUE_FILE", "QueueFull", "QueueUnusable", "QueueWriteFailed", "WriteAheadQueue"]
 
@@ -61,7 +61,7 @@ class _Waiter:
 
 
 class WriteAheadQueue:
-    """Durable, bounded FIFO of comments between the API and the store."""
+    """Durable, bounded outbox of comments between the API, the database and the streams."""
 
     def __init__(self, directory: str | Path, max_bytes: int) -> None:
         self._dir = Path(directory)
@@ -72,15 +72,7 @@ class WriteAheadQueue:
         self._waiting_bytes = 0
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        # Unflushed comments as their encoded bytes (a third of the memory of Comment objects),
-        # in id order (= commit order: ids are issued and queued without an await between),
-        # and their ids per post for read-your-writes.
-        self._pending: dict[int, bytes] = {}
-        self._by_post: dict[str, list[int]] = {}
-        self._pending_bytes = 0
-        self._has_pending = asyncio.Event()
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self.rows = PendingRows()
         self._closing = False
         # The last enqueue() was refused for want of room, and nothing was flushed since:
         # /readyz says "full" although the bytes held may be short of max_bytes.
@@ -89,8 +81,8 @@ class WriteAheadQueue:
         # refuses at once, /readyz says so, and _repair_worker tries again until one succeeds.
         self.write_error: str | None = None
         self._repairer: asyncio.Task[None] | None = None
-        # Ids flushed to the store whose rows could not be deleted yet (the same failures).
-        self._undeleted: list[int] = []
+        # Marks that could not be written yet (the same failures); memory has them already.
+        self._unwritten: list[Marks] = []
         self.remembered_instance_id: int | None = None
         self.last_id = 0
         self.commits = 0
@@ -99,7 +91,7 @@ class WriteAheadQueue:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open (or create) the file and replay what a previous run left unflushed."""
+        """Open (or create) the file and replay what a previous run left owed."""
         loop = asyncio.get_running_loop()
         try:
             rows, last_id, remembered = await loop.run_in_executor(self._executor, self._file.open)
@@ -108,13 +100,23 @@ class WriteAheadQueue:
             self._executor.shutdown(wait=True)
             raise
         self.remembered_instance_id = remembered
-        for comment_id, post_id, payload in rows:
-            self._remember(comment_id, post_id, payload)
-        self.last_id = max(last_id, max(self._pending, default=0))
-        self.recovered_rows = len(rows)
+        done = Marks()
+        for comment_id, post_id, payload, stored, epoch in rows:
+            if not self.rows.add((comment_id, post_id, payload), stored=bool(stored), epoch=epoch):
+                done.finished.append(comment_id)
+        self.last_id = max(last_id, max(self.rows.ids(), default=0))
+        self.recovered_rows = len(self.rows)
         if rows:
-            log.info("queue: replaying %d unflushed comments from %s", len(rows), self._dir)
+            log.info(
+                "queue: replaying %d comments from %s (%d not stored, %d not appended)",
+                len(self.rows),
+                self._dir,
+                len(self.rows.unstored(len(self.rows))),
+                self.rows.unappended_count(),
+            )
         self._writer = asyncio.create_task(self._commit_worker(), name="wal-commit-worker")
+        if done:
+            await self._write(done)
 
     async def close(self) -> None:
         """Commit what callers are already waiting on, then close the file."""
@@ -141,9 +143,9 @@ class WriteAheadQueue:
         if self.write_error is not None:
             raise QueueWriteFailed(self.write_error)
         payload = comment.encode()
-        if self._pending_bytes + self._waiting_bytes + len(payload) > self._max_bytes:
+        if self.rows.bytes + self._waiting_bytes + len(payload) > self._max_bytes:
             self.refusing = True
-            raise QueueFull(f"write-ahead queue holds {self._pending_bytes} bytes unflushed")
+            raise QueueFull(f"write-ahead queue holds {self.rows.bytes} bytes unflushed")
         waiter = _Waiter(comment, payload, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
         self._waiting_bytes += len(payload)
@@ -171,72 +173,48 @@ class WriteAheadQueue:
                             w.future.set_exception(QueueWriteFailed(self.write_error or str(e)))
                     continue
                 self.commits += 1
-                for w in group:
-                    self._remember(w.comment.id, w.comment.post_id, w.payload)
+                for row, w in zip(rows, group, strict=True):
+                    self.rows.add(row)
                     self.last_id = max(self.last_id, w.comment.id)
                     if not w.future.done():
                         w.future.set_result(None)
 
-    # -- the read side, for the flusher and for read-your-writes -------------------------------
+    # -- what the flusher and the publisher did ------------------------------------------------
 
-    def _remember(self, comment_id: int, post_id: str, payload: bytes) -> None:
-        self._pending[comment_id] = payload
-        bisect.insort(self._by_post.setdefault(post_id, []), comment_id)
-        self._pending_bytes += len(payload)
-        self._has_pending.set()
-        self._empty.clear()
+    async def mark_stored(self, ids: list[int]) -> None:
+        """The database has these (memory first, then the file)."""
+        finished = self.rows.mark_stored(ids)
+        self.refusing = self.refusing and not finished
+        done = set(finished)
+        await self._write(Marks(finished=finished, stored=[i for i in ids if i not in done]))
 
-    def pending_page(
-        self, post_id: str, n: int, before: int | None, after: int | None
-    ) -> list[Comment]:
-        """The unflushed comments a page could need: at most `n`, ascending, found by bisection
-        (a hot post's backlog can be long; only what is returned is decoded). `after`: the
-        oldest n newer than it; otherwise the newest n (older than `before`, if given)."""
-        ids = self._by_post.get(post_id, [])
-        if after is not None:
-            start = bisect.bisect_right(ids, after)
-            window = ids[start : start + n]
-        else:
-            end = len(ids) if before is None else bisect.bisect_left(ids, before)
-            window = ids[max(0, end - n) : end]
-        return [Comment.decode(self._pending[i]) for i in window]
+    async def mark_appended(self, epochs: dict[int, str]) -> None:
+        """These are in their streams, in these epochs."""
+        finished = self.rows.mark_appended(epochs)
+        self.refusing = self.refusing and not finished
+        done = set(finished)
+        appended = [(epoch, i) for i, epoch in epochs.items() if i not in done]
+        await self._write(Marks(finished=finished, appended=appended))
 
-    def oldest(self, limit: int) -> list[Comment]:
-        """Up to `limit` unflushed comments, oldest first (dicts keep insertion order)."""
-        return [Comment.decode(p) for p in itertools.islice(self._pending.values(), limit)]
+    async def mark_unappended(self, ids: list[int]) -> None:
+        """Their epoch ended before the database had them: they are owed an append again."""
+        again = self.rows.mark_unappended(ids)
+        if again:
+            await self._write(Marks(unappended=again))
 
-    async def wait_pending(self) -> None:
-        """Return when there is at least one unflushed comment."""
-        while not self._pending:
-            self._has_pending.clear()
-            await self._has_pending.wait()
+    async def _write(self, marks: Marks) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._file.mark, marks)
+        except Exception as e:
+            # Memory has them; _repair_worker writes them once it can. Lost in a crash, they
+            # cost a repeated flush or append, which are harmless.
+            self._unwritten.append(marks)
+            self._cannot_write("writing what was flushed or appended failed", e)
 
     async def wait_empty(self) -> None:
-        """Return when everything committed has been acked (flushed to the store)."""
-        await self._empty.wait()
-
-    async def ack(self, comments: list[Comment]) -> None:
-        """The store has these; forget them (memory first, then the file)."""
-        ids = [c.id for c in comments]
-        acked: dict[str, set[int]] = {}
-        for c in comments:
-            payload = self._pending.pop(c.id, None)
-            if payload is not None:
-                self._pending_bytes -= len(payload)
-                acked.setdefault(c.post_id, set()).add(c.id)
-        for post_id, gone in acked.items():
-            self._forget_ids(post_id, gone)
-        self.refusing = False
-        if not self._pending:
-            self._empty.set()
-        loop = asyncio.get_running_loop()
-        # If this delete is lost in a crash the rows are flushed again: inserts are idempotent.
-        try:
-            await loop.run_in_executor(self._executor, self._file.delete, ids)
-        except Exception as e:
-            # The rows stay in the file; _repair_worker deletes them once it can write.
-            self._undeleted.extend(ids)
-            self._cannot_write(f"delete of {len(ids)} flushed comments failed", e)
+        """Return when every comment is stored and appended."""
+        await self.rows.empty.wait()
 
     # -- when the disk is full -----------------------------------------------------------------
 
@@ -253,52 +231,39 @@ class WriteAheadQueue:
 
     async def _repair_worker(self) -> None:
         """Every REPAIR_INTERVAL, try to make room and write: checkpoint and truncate the WAL,
-        delete the rows already flushed, then one small commit. The first success ends it."""
+        write the marks that could not be, then one small commit. The first success ends it."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(REPAIR_INTERVAL)
-            undeleted = self._undeleted
+            unwritten = list(self._unwritten)
             try:
-                if self._pending or self._waiting:
-                    await loop.run_in_executor(self._executor, self._file.repair, undeleted)
+                if len(self.rows) or self._waiting:
+                    await loop.run_in_executor(self._executor, self._file.repair, unwritten)
                 else:
-                    # Everything in the file is in the store: the file itself may be what filled
-                    # the disk, and a new one is all we need.
+                    # Every comment in the file is stored and appended: the file itself may be
+                    # what filled the disk, and a new one is all we need.
                     await loop.run_in_executor(self._executor, self._file.reset, self.last_id)
             except Exception as e:
                 self.write_error = f"still cannot write: {e}"
                 continue
-            del self._undeleted[: len(undeleted)]
+            del self._unwritten[: len(unwritten)]
             log.info("queue: %s can be written again; taking comments", self._dir)
             self.write_error = None
             self._repairer = None
             return
 
-    def _forget_ids(self, post_id: str, gone: set[int]) -> None:
-        ids_of_post = self._by_post[post_id]
-        # Flushes go oldest first, so what goes is a prefix of the post's list: one slice
-        # deletion per post and batch, not one list shift per comment (a hot post's list is long).
-        k = len(gone)
-        if set(ids_of_post[:k]) == gone:
-            del ids_of_post[:k]
-        else:
-            ids_of_post[:] = [i for i in ids_of_post if i not in gone]
-        if not ids_of_post:
-            del self._by_post[post_id]
+    # -- for status ----------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self.rows)
 
     @property
     def pending_bytes(self) -> int:
-        return self._pending_bytes
+        return self.rows.bytes
 
     def oldest_age_seconds(self) -> float:
-        first = next(iter(self._pending.values()), None)
-        if first is None:
-            return 0.0
-        return max(0.0, time.time() - Comment.decode(first).created_at / 1000)
+        return self.rows.oldest_age_seconds()
 
     async def remember_instance_id(self, instance_id: int) -> None:
         """Keep the instance id this queue's comments were issued under, for the next start:

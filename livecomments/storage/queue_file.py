@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from livecomments.model.comment import Comment
@@ -38,6 +39,23 @@ _CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 _BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 
 Row = tuple[int, str, bytes]  # (comment id, post id, the comment's encoded bytes)
+# A row as the file keeps it: stored in the database (0/1), appended to its stream in an epoch.
+FileRow = tuple[int, str, bytes, int, str | None]
+
+
+@dataclass
+class Marks:
+    """What the flusher and the publisher achieved, to write down in one transaction. Losing it
+    in a crash costs a repeated flush or append, both harmless: so it is committed without an
+    fsync of its own (synchronous=NORMAL), riding the next group commit's."""
+
+    finished: list[int] = field(default_factory=list)  # owed nothing: deleted
+    stored: list[int] = field(default_factory=list)
+    appended: list[tuple[str, int]] = field(default_factory=list)  # (epoch, id)
+    unappended: list[int] = field(default_factory=list)  # their epoch ended: append again
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.stored or self.appended or self.unappended)
 
 
 class QueueUnusable(Exception):
@@ -52,7 +70,7 @@ class QueueFile:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
 
-    def open(self) -> tuple[list[Row], int, int | None]:
+    def open(self) -> tuple[list[FileRow], int, int | None]:
         self._check_directory()
         self._lock_directory()
         path = self._dir / QUEUE_FILE
@@ -86,7 +104,9 @@ class QueueFile:
         self._db = db
         if salvaged:
             self.commit(salvaged)
-        rows = db.execute("SELECT id, post_id, payload FROM queue ORDER BY id").fetchall()
+        rows = db.execute(
+            "SELECT id, post_id, payload, stored, epoch FROM queue ORDER BY id"
+        ).fetchall()
         (last_id,) = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
         row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
         return rows, int(last_id), None if row is None else int(row[0])
@@ -172,8 +192,15 @@ class QueueFile:
     def _ensure_schema(db: sqlite3.Connection) -> None:
         db.execute(
             "CREATE TABLE IF NOT EXISTS queue ("
-            " id INTEGER PRIMARY KEY, post_id TEXT NOT NULL, payload BLOB NOT NULL)"
+            " id INTEGER PRIMARY KEY, post_id TEXT NOT NULL, payload BLOB NOT NULL,"
+            " stored INTEGER NOT NULL DEFAULT 0, epoch TEXT)"
         )
+        # A file from before the outbox kept both duties: its rows are owed both.
+        columns = {row[1] for row in db.execute("PRAGMA table_info(queue)")}
+        if "stored" not in columns:
+            db.execute("ALTER TABLE queue ADD COLUMN stored INTEGER NOT NULL DEFAULT 0")
+        if "epoch" not in columns:
+            db.execute("ALTER TABLE queue ADD COLUMN epoch TEXT")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_id', 0)")
 
@@ -221,25 +248,36 @@ class QueueFile:
             _rollback(db)
             raise
 
-    def delete(self, ids: list[int]) -> None:
+    def mark(self, marks: Marks) -> None:
         db = self._db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("PRAGMA synchronous=NORMAL")
         try:
-            db.executemany("DELETE FROM queue WHERE id = ?", [(i,) for i in ids])
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM queue WHERE id = ?", [(i,) for i in marks.finished])
+                db.executemany(
+                    "UPDATE queue SET stored = 1 WHERE id = ?", [(i,) for i in marks.stored]
+                )
+                db.executemany("UPDATE queue SET epoch = ? WHERE id = ?", marks.appended)
+                db.executemany(
+                    "UPDATE queue SET epoch = NULL WHERE id = ?", [(i,) for i in marks.unappended]
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
 
-    def repair(self, undeleted: list[int]) -> None:
+    def repair(self, unwritten: list[Marks]) -> None:
         """Give SQLite room, then prove a commit works (raises while it does not)."""
         db = self._db
         if db is None:  # a reset that could not finish; only reached with nothing pending
             raise sqlite3.OperationalError("the queue file could not be recreated")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if undeleted:
-            self.delete(undeleted)
+        for marks in unwritten:
+            self.mark(marks)
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("UPDATE meta SET value = value WHERE key = 'last_id'")

@@ -116,9 +116,11 @@ async def test_heartbeat_drops_a_peer_that_never_answers_pings(start_server, htt
         dead.close()
 
 
-async def test_sigterm_closes_sockets_with_going_away_and_flushes(start_server, http, tmp_path):
+async def test_sigterm_drains_sockets_then_flushes_and_exits(start_server, http, tmp_path):
+    """SIGTERM hands viewers over before stopping: `reconnect`, then a close with 1012
+    (service restart); then the queue is flushed and the process exits 0."""
     data = tmp_path / "node"
-    server = start_server(data_dir=data)
+    server = start_server(data_dir=data, env={"LIVECOMMENTS_SERVER_DRAIN_SECONDS": "0.5"})
     async with http.ws_connect(f"{server.ws_url}?post_id=p") as ws:
         assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
         ids = []
@@ -129,8 +131,9 @@ async def test_sigterm_closes_sockets_with_going_away_and_flushes(start_server, 
         for _ in range(20):
             assert (await ws.receive_json(timeout=5))["type"] == "comment"
         server.signal(15)
+        assert (await ws.receive_json(timeout=5)) == {"type": "reconnect"}
         msg = await ws.receive(timeout=10)
-        assert msg.type == WSMsgType.CLOSE and msg.data == 1001
+        assert msg.type == WSMsgType.CLOSE and msg.data == 1012
     assert server.stop() == 0
     with sqlite3.connect(Path(data) / "comments.db") as db:
         stored = {str(r[0]) for r in db.execute("SELECT id FROM comments")}

@@ -1,56 +1,42 @@
-"""The Redis wire format, alone: what a node publishes is what another node reads back."""
+"""The Redis wire format, alone: what the APPEND script publishes is what a node reads back."""
 
 from __future__ import annotations
 
 import pytest
 
-from livecomments.live.redis import envelope
-from livecomments.live.redis.envelope import OriginSequences, pack_event, pack_lost_notice, unpack
+from livecomments.live.redis.envelope import pack, unpack
+from livecomments.model.stream import COMMENT, DELETE, Publication
 
-ORIGIN = b"0123456789abcdef"
-
-
-def test_an_event_round_trips_with_its_payload_untouched():
-    payload = b'{"type":"comment","comment":{"message":"h\xc3\xa9 | !"}}'
-    packed = pack_event(ORIGIN, 42, payload)
-    assert packed.startswith(envelope.VERSION + ORIGIN)
-    message = unpack(packed)
-    assert message == envelope.Envelope(ORIGIN, 42, envelope.EVENT, payload)
+EPOCH = "0123456789abcdef"
 
 
-def test_a_lost_notice_carries_when_the_loss_began():
-    message = unpack(pack_lost_notice(ORIGIN, 7, 1_795_000_000_123))
-    assert message is not None and message.kind == envelope.LOST
-    assert message.lost_since_ms == 1_795_000_000_123
+def test_a_comment_round_trips_with_its_body_untouched():
+    body = b'{"id":"1","message":"h\xc3\xa9 | 42|"}'
+    data = pack(EPOCH, 42, COMMENT, body)
+    assert unpack("p", data) == Publication("p", EPOCH, 42, COMMENT, body)
+
+
+def test_a_deletion_and_a_large_offset():
+    data = pack(EPOCH, 10**12, DELETE, b"383391481420840960")
+    assert unpack("p", data) == Publication("p", EPOCH, 10**12, DELETE, b"383391481420840960")
+
+
+def test_what_the_lua_script_builds_is_what_pack_builds():
+    # '2' .. epoch .. kind .. offset .. '|' .. body, as in streams.APPEND
+    assert b"2" + EPOCH.encode() + b"c" + b"7" + b"|" + b"{}" == pack(EPOCH, 7, COMMENT, b"{}")
 
 
 @pytest.mark.parametrize(
     "data",
     [
         b"",
-        b"1",
-        b"2" + ORIGIN + b"%016x" % 1 + b"|{}",  # another version
-        b"1" + ORIGIN + b"not-hex-at-all!!" + b"|{}",
-        b"1" + ORIGIN + b"%016x" % 1 + b"?{}",  # neither an event nor a notice
-        b"1" + ORIGIN[:8],  # cut short
+        b"2",
+        b"1" + EPOCH.encode() + b"c7|{}",  # another version
+        b"2" + EPOCH.encode() + b"cx|{}",  # no offset
+        b"2" + EPOCH.encode() + b"c7{}",  # no bar
+        b"2" + EPOCH.encode() + b"c" + b"9" * 30 + b"|{}",  # an offset beyond reason
+        b"2" + b"\xff" * 16 + b"c7|{}",  # an epoch that is not text
     ],
 )
 def test_anything_else_is_refused_not_guessed(data: bytes):
-    assert unpack(data) is None
-
-
-def test_a_retried_batch_is_recognised_per_origin():
-    seen = OriginSequences()
-    assert seen.is_new(b"a", 1) and seen.is_new(b"a", 2)
-    assert not seen.is_new(b"a", 2) and not seen.is_new(b"a", 1)  # the retry's repeats
-    assert seen.is_new(b"b", 1)  # another origin has its own sequence
-
-
-def test_origins_are_remembered_up_to_a_bound_least_recent_first():
-    seen = OriginSequences(max_origins=2)
-    seen.is_new(b"a", 5)
-    seen.is_new(b"b", 5)
-    seen.is_new(b"a", 6)  # a is now the most recent
-    seen.is_new(b"c", 5)  # evicts b
-    assert not seen.is_new(b"a", 6)
-    assert seen.is_new(b"b", 1)  # forgotten: taken as new
+    assert unpack("p", data) is None

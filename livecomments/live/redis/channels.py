@@ -20,9 +20,9 @@ class Channels:
         self.settled = asyncio.Event()  # nothing pending, or the reader ended
         self.dirty = asyncio.Event()  # wanted changed: the session's command worker has work
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        # Channels whose subscribe gave up while the hub kept the post (Unix ms it was asked):
-        # they stay wanted and, once Redis confirms them, their gap is reported from then.
-        self.late: dict[str, int] = {}
+        # Channels whose subscribe gave up while the hub kept the post: they stay wanted and,
+        # once Redis confirms them, their gap is reported.
+        self.late: set[str] = set()
 
     def is_subscribed(self, channel: str) -> bool:
         """Confirmed and not on its way out: a new subscriber need not wait for anything."""
@@ -34,7 +34,7 @@ class Channels:
             self.dirty.set()
 
     def unwant(self, channel: str) -> None:
-        self.late.pop(channel, None)
+        self.late.discard(channel)
         if channel in self.wanted:
             self.wanted.discard(channel)
             self.dirty.set()
@@ -44,9 +44,9 @@ class Channels:
             self.wanted = keep
             self.dirty.set()
 
-    def owe_late(self, channel: str, asked_ms: int) -> None:
+    def owe_late(self, channel: str) -> None:
         """A subscribe is giving up and the hub keeps the post: follow it when we can."""
-        self.late[channel] = min(self.late.get(channel, asked_ms), asked_ms)
+        self.late.add(channel)
         self.want(channel)
 
     # -- waiting for Redis ---------------------------------------------------------------------
@@ -94,15 +94,17 @@ class Channels:
             self.settled.clear()
         return to_sub, to_unsub
 
-    def on_subscribed(self, channel: str) -> int | None:
-        """Redis confirmed a SUBSCRIBE: wake its waiters. Returns when it was asked, if late."""
+    def on_subscribed(self, channel: str) -> bool:
+        """Redis confirmed a SUBSCRIBE: wake its waiters. True if it came late (a gap)."""
         self.pending_sub.discard(channel)
         self.confirmed.add(channel)
         for waiter in self._waiters.pop(channel, ()):
             if not waiter.done():
                 waiter.set_result(None)
         self._check_settled()
-        return self.late.pop(channel, None)
+        late = channel in self.late
+        self.late.discard(channel)
+        return late
 
     def on_unsubscribed(self, channel: str) -> None:
         self.pending_unsub.discard(channel)

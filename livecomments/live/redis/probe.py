@@ -16,8 +16,6 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from livecomments.model.ids import wall_clock_ms
-
 PROBE_PREFIX = "livecomments:probe:"
 
 
@@ -35,8 +33,6 @@ class Probe:
         self._seen = 0
         self._echo = asyncio.Event()
         self.last_ok: float | None = None  # monotonic time of the last echo
-        # Wall clock of the last echo: the connection received everything published before.
-        self.last_alive_ms: int | None = None
 
     async def worker(self) -> None:
         """Probe until a probe fails (raises DeafConnection) or the session cancels it."""
@@ -58,7 +54,6 @@ class Probe:
             except RedisError as e:
                 raise DeafConnection(f"probe PUBLISH failed: {e}") from e
             self.last_ok = time.monotonic()
-            self.last_alive_ms = wall_clock_ms()
 
     def on_echo(self, data: bytes) -> None:
         """The reader heard a message on the probe channel."""

@@ -16,8 +16,8 @@
   connection is dropped, pending `subscribe()` calls fail, and the worker reconnects with capped,
   jittered backoff. It resubscribes from the hub's own set of posts (`local_posts()`, filtered
   by the ring), not from its memory, and once Redis confirmed, reports the gap (`on_gap`) for
-  those posts: Pub/Sub keeps nothing for absent subscribers. The worker re-raises
-  `CancelledError`, logs anything else with the server's name, and never ends.
+  those posts: Pub/Sub keeps nothing for absent subscribers; the streams' history does. The
+  worker re-raises `CancelledError`, logs anything else with the server's name, and never ends.
 
 redis-py choices, deliberate: the connection is a bare redis-py `Connection`, not `PubSub`: its
 hidden reconnect-and-resubscribe would hide the gap that must be reported, and its SUBSCRIBE
@@ -40,10 +40,9 @@ from redis.exceptions import RedisError
 from livecomments import metrics
 from livecomments.backoff import Backoff
 from livecomments.config import RedisSettings
-from livecomments.live.bridge import BridgeUnavailable, HubListener
+from livecomments.live.broker import BrokerUnavailable, StreamListener
 from livecomments.live.redis.channels import Channels
 from livecomments.live.redis.probe import DeafConnection, Probe
-from livecomments.model.ids import wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ SUBSCRIBE_BATCH = 512
 SessionState = Literal["connecting", "up", "down"]
 
 
-class ShardUnavailable(BridgeUnavailable):
+class ShardUnavailable(BrokerUnavailable):
     """The post's Redis server is not connected (or did not confirm in time)."""
 
 
@@ -75,7 +74,7 @@ class PubSubSession:
         *,
         owns: Callable[[str], bool],
         on_message: Callable[[bytes, bytes], None],
-        on_gap: Callable[[Iterable[str], int], None],
+        on_gap: Callable[[Iterable[str]], None],
     ) -> None:
         self.name = name
         self.settings = settings
@@ -84,7 +83,7 @@ class PubSubSession:
         self._owns = owns
         self._on_message = on_message
         self._on_gap = on_gap
-        self._listener: HubListener | None = None
+        self._listener: StreamListener | None = None
         # Channel names, not post ids; the probe channel is among them.
         self._state: SessionState = "connecting"
         self._state_changed = asyncio.Event()
@@ -93,12 +92,6 @@ class PubSubSession:
         self.reconnects = 0
         self.probe_failures = 0
         self.last_error: str | None = None
-        # Wall clock of the session coming up; with the probe's last echo, the last proof that
-        # this connection received everything: a gap after a loss covers comments since then.
-        # Before the first session: since the shard was created (a shard added by a ring change
-        # starts further back, see RedisBridge._move_to).
-        self._up_since_ms: int | None = None
-        self.created_ms = wall_clock_ms()
 
     # -- subscriptions -------------------------------------------------------------------------
 
@@ -106,12 +99,11 @@ class PubSubSession:
         """Follow `post_id` on this server; returns once Redis confirmed, raises otherwise."""
         channel = CHANNEL_PREFIX + post_id
         timeout = self.settings.timeout
-        asked_ms = wall_clock_ms()
         try:
             async with asyncio.timeout(timeout):
                 while self._state != "up":
                     if self._state == "down":
-                        self.channels.owe_late(channel, asked_ms)
+                        self.channels.owe_late(channel)
                         raise ShardUnavailable(f"redis {self.name} is down: {self.last_error}")
                     changed = self._state_changed
                     await changed.wait()
@@ -124,7 +116,7 @@ class PubSubSession:
                 finally:
                     self.channels.forget_waiter(channel, waiter)
         except TimeoutError:
-            self.channels.owe_late(channel, asked_ms)
+            self.channels.owe_late(channel)
             raise ShardUnavailable(
                 f"redis {self.name}: SUBSCRIBE not confirmed within {timeout:g}s"
             ) from None
@@ -151,7 +143,7 @@ class PubSubSession:
 
     # -- the session ---------------------------------------------------------------------------
 
-    async def worker(self, listener: HubListener) -> None:
+    async def worker(self, listener: StreamListener) -> None:
         """Connect, follow, read; on any loss log, back off and start over. Never ends."""
         self._listener = listener
         backoff = Backoff()
@@ -250,12 +242,10 @@ class PubSubSession:
         self._ever_up = True
         restored = [p for p in owned if CHANNEL_PREFIX + p in self.channels.confirmed]
         log.info("redis %s: Pub/Sub connected, following %d posts", self.name, len(restored))
-        since_ms = min([self.last_alive_ms or self.created_ms, *self.channels.late.values()])
         self.channels.late.clear()  # reported below with the rest
-        self._up_since_ms = wall_clock_ms()
-        if restored:
-            # Published while we were away means lost: report the gap.
-            self._on_gap(restored, since_ms)
+        # Whatever was published while we were away is lost to Pub/Sub: the hub fills it from
+        # the streams' history (or, with a new epoch, tells its viewers to reload).
+        self._on_gap(restored)
 
     async def _read_worker(self, conn: AbstractConnection) -> None:
         """Parse every reply; deliver messages without awaiting anything but the socket."""
@@ -277,10 +267,9 @@ class PubSubSession:
                 log.warning("redis %s: ignored Pub/Sub reply %r", self.name, reply[:2])
 
     def _on_subscribed(self, channel: str) -> None:
-        asked_ms = self.channels.on_subscribed(channel)
-        if asked_ms is not None and self._state == "up":
-            # Its local subscribers were told "subscribed" before Redis was: report the gap.
-            self._on_gap([post_of(channel)], asked_ms)
+        if self.channels.on_subscribed(channel) and self._state == "up":
+            # Its local subscribers were answered before Redis confirmed: report the gap.
+            self._on_gap([post_of(channel)])
 
     async def _command_worker(self, conn: AbstractConnection, reader: asyncio.Task[None]) -> None:
         """Turn changes of the wanted set into batched SUBSCRIBE/UNSUBSCRIBE rounds."""
@@ -314,12 +303,6 @@ class PubSubSession:
             raise error if error is not None else ConnectionError("Pub/Sub reader ended")
 
     # -- status --------------------------------------------------------------------------------
-
-    @property
-    def last_alive_ms(self) -> int | None:
-        """The last proof that this connection received everything published (Unix ms)."""
-        times = [t for t in (self._up_since_ms, self.probe.last_alive_ms) if t is not None]
-        return max(times, default=None)
 
     @property
     def last_probe_ok(self) -> float | None:

@@ -1,44 +1,56 @@
-"""One Redis server (a shard) as this node sees it: what it hears there and what it sends there.
+"""One Redis server (a shard) as this node sees it: the streams it keeps and what it publishes.
 
 A `RedisShard` owns two connections to its server: the Pub/Sub session (pubsub.py: the posts
-followed there, the reader, the liveness probe) and an ordinary one for PUBLISH (publisher.py).
-Between them it owns the wire format (envelope.py): what the session hears is unpacked here, its
-own echo and retried repeats dropped, events handed to the hub, LOST notices turned into gaps.
+followed there, the reader, the liveness probe) and an ordinary one for the stream scripts
+(streams.py): APPEND (the outbox's comments, pipelined), HISTORY and RECENT. What the session
+hears is unpacked here (envelope.py) and handed to the hub in stream order; a session that comes
+back after a loss reports its posts' gap, and tells whoever asked (`on_reconnect`: the outbox
+re-checks what it had appended).
 
-Words: a *shard* is one Redis server; a *node* is one livecomments process (its random node id
-tags everything it publishes, new at every start).
+Words: a *shard* is one Redis server; a *node* is one livecomments process.
 
-redis-py choices, deliberate: `protocol=2` (RESP2) on every connection. Pub/Sub replies are
-then plain arrays; we need nothing from RESP3, and redis-py's RESP3 push path builds a debug log
-string for every message. `socket_timeout` and `socket_connect_timeout` are None (redis-py 8
-defaults to 5 s): the Pub/Sub read must block indefinitely on a quiet channel (the probe, not a
-socket timeout, decides it is dead), and every other operation is bounded by our own
-`asyncio.timeout(redis.timeout)`, which a reload changes at once. Retries are off
-(`Retry(NoBackoff(), 0)`): a retry we do not see would hide a gap.
+redis-py choices, deliberate: `protocol=2` (RESP2) on every connection: Pub/Sub replies are plain
+arrays, and redis-py's RESP3 push path builds a debug log string for every message.
+`socket_timeout` and `socket_connect_timeout` are None (redis-py 8 defaults to 5 s): the Pub/Sub
+read must block indefinitely on a quiet channel (the probe, not a socket timeout, decides it is
+dead), and every other operation is bounded by our own `asyncio.timeout(redis.timeout)`, which a
+reload changes at once. Retries are off (`Retry(NoBackoff(), 0)`): a retry we do not see would
+hide a failure the outbox must see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from livecomments import metrics
-from livecomments.config import RedisSettings
-from livecomments.live.bridge import HubListener
-from livecomments.live.redis import envelope
-from livecomments.live.redis.publisher import Publisher
+from livecomments.config import HistorySettings, RedisSettings
+from livecomments.live.broker import (
+    Entry,
+    History,
+    Position,
+    Publication,
+    ReconnectCallback,
+    StreamListener,
+)
+from livecomments.live.redis import envelope, streams
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, PubSubSession, ShardUnavailable
 from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)
+
+# APPENDs per pipelined round trip.
+APPEND_BATCH = 512
 
 
 def connection_kwargs(name: str) -> dict[str, Any]:
@@ -58,98 +70,160 @@ class RedisShard:
         self,
         url: str,
         settings: RedisSettings,
-        node_id: bytes,
+        history: HistorySettings,
+        node_id: str,
         *,
         owns: Callable[[str], bool],
-        next_seq: Callable[[], int],
     ) -> None:
         self.url = url
         self.name = redact_url(url)
         self.settings = settings
-        self._node_id = node_id
-        self._listener: HubListener | None = None
-        self._sequences = envelope.OriginSequences()
+        self._history = history
+        self._listener: StreamListener | None = None
+        self._on_reconnect: list[ReconnectCallback] = []
         self._pool = ConnectionPool.from_url(
-            url, **connection_kwargs(f"livecomments:{node_id.decode()}:sub")
+            url, **connection_kwargs(f"livecomments:{node_id}:sub")
         )
-        self._client = Redis.from_url(
-            url, **connection_kwargs(f"livecomments:{node_id.decode()}:pub")
-        )
+        self._client = Redis.from_url(url, **connection_kwargs(f"livecomments:{node_id}:cmd"))
+        self._append = self._client.register_script(streams.APPEND)
+        self._read_history = self._client.register_script(streams.HISTORY)
+        self._read_recent = self._client.register_script(streams.RECENT)
         self.pubsub = PubSubSession(
             self.name,
             settings,
-            node_id.decode(),
+            node_id,
             self._pool,
             self._client,
             owns=owns,
             on_message=self._on_message,
-            on_gap=self._report_gap,
+            on_gap=self._on_gap,
         )
-        self.publisher = Publisher(self.name, settings, self._client, node_id, next_seq)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.appended = 0
+        self.last_error: str | None = None
 
-    def start(self, listener: HubListener) -> None:
+    def start(self, listener: StreamListener, on_reconnect: list[ReconnectCallback]) -> None:
         self._listener = listener
-        self._tasks = [
-            asyncio.create_task(
-                self.pubsub.worker(listener), name=f"redis-pubsub-worker {self.name}"
-            ),
-            asyncio.create_task(self.publisher.worker(), name=f"redis-publish-worker {self.name}"),
-        ]
+        self._on_reconnect = on_reconnect
+        self._task = asyncio.create_task(
+            self.pubsub.worker(listener), name=f"redis-pubsub-worker {self.name}"
+        )
 
-    async def stop(self, drain: float) -> None:
-        """Give buffered publishes up to `drain` seconds, then end every task and connection."""
-        if self._tasks:
-            await self.publisher.drain(drain)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        self.pubsub.fail_waiters(ShardUnavailable(f"redis {self.name}: bridge stopped"))
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.pubsub.fail_waiters(ShardUnavailable(f"redis {self.name}: stopped"))
         await self._client.aclose()
         await self._pool.aclose()
 
     def configure(self, settings: RedisSettings) -> None:
-        """A reload: probe_interval, publish_retry and timeout apply from their next use."""
+        """A reload: probe_interval and timeout apply from their next use."""
         self.settings = settings
         self.pubsub.settings = settings
-        self.publisher.configure(settings)
 
     # -- what the session hears ----------------------------------------------------------------
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        message = envelope.unpack(data)
-        if message is None:
+        post_id = channel[len(CHANNEL_PREFIX) :].decode()
+        publication = envelope.unpack(post_id, data)
+        if publication is None:
             metrics.REDIS_DISCARDED.inc()
             log.warning("redis %s: dropped a malformed message on %r", self.name, channel[:100])
             return
-        if message.origin == self._node_id:
-            return  # our own publish: the hub delivered it locally already
-        if not self._sequences.is_new(message.origin, message.seq):
-            metrics.REDIS_DISCARDED.inc()  # a retried batch: its first attempt reached Redis
-            return
-        post_id = channel[len(CHANNEL_PREFIX) :].decode()
+        metrics.REDIS_RECEIVED.inc()
         assert self._listener is not None
         try:
-            if message.kind == envelope.LOST:
-                self._report_gap([post_id], message.lost_since_ms)
-            else:
-                metrics.REDIS_RECEIVED.inc()
-                self._listener.deliver(post_id, message.body)
+            self._listener.on_publication(publication)
         except Exception:
             # A bug downstream must not stop every other post's traffic: log it and go on.
             log.exception("redis %s: delivering to post %s failed", self.name, post_id)
 
-    def _report_gap(self, post_ids: Iterable[str], since_ms: int) -> None:
-        """The one way a gap reaches the hub: these posts may have missed what was published
-        since `since_ms` (a lost session, a late subscribe, a dropped publish elsewhere)."""
+    def _on_gap(self, post_ids: Iterable[str]) -> None:
+        """The session is back (or a late subscribe came through): the hub checks these posts
+        against their streams, and the outbox re-checks what it had appended here."""
         if self._listener is not None:
-            self._listener.resync(post_ids, since_ms)
+            self._listener.on_stream_gap(post_ids)
+        for callback in self._on_reconnect:
+            callback()
 
-    # -- what it sends -------------------------------------------------------------------------
+    # -- the streams ---------------------------------------------------------------------------
 
-    def publish(self, post_id: str, packed: bytes) -> None:
-        self.publisher.enqueue(CHANNEL_PREFIX + post_id, packed)
+    async def append(self, entries: Sequence[Entry]) -> list[Position | None]:
+        """APPEND each entry (pipelined); all None if the shard does not answer in time."""
+        results: list[Position | None] = []
+        for i in range(0, len(entries), APPEND_BATCH):
+            batch = entries[i : i + APPEND_BATCH]
+            try:
+                results += await self._append_batch(batch)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.last_error = f"append: {type(e).__name__}: {e}"
+                return results + [None] * (len(entries) - len(results))
+        return results
+
+    async def _append_batch(self, batch: Sequence[Entry]) -> list[Position | None]:
+        started = time.perf_counter()
+        history = self._history
+        async with asyncio.timeout(self.settings.timeout):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for entry in batch:
+                    await self._append(
+                        keys=streams.keys(entry.post_id),
+                        args=[
+                            CHANNEL_PREFIX + entry.post_id,
+                            streams.padded(entry.comment_id),
+                            entry.kind,
+                            entry.body,
+                            secrets.token_hex(envelope.EPOCH_LEN // 2),
+                            history.size,
+                            int(history.ttl * 1000),
+                            int(history.meta_ttl * 1000),
+                        ],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        metrics.REDIS_PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        self.appended += len(batch)
+        metrics.REDIS_PUBLISHED.inc(len(batch))
+        return [Position(epoch.decode(), int(offset)) for epoch, offset, _ in replies]
+
+    async def history(self, post_id: str, since: Position | None, limit: int) -> History:
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                reply = await self._read_history(
+                    keys=streams.keys(post_id),
+                    args=[
+                        -1 if since is None else since.offset,
+                        limit or self._history.size,
+                        secrets.token_hex(envelope.EPOCH_LEN // 2),
+                        int(self._history.meta_ttl * 1000),
+                    ],
+                )
+        except (RedisError, OSError, TimeoutError) as e:
+            raise ShardUnavailable(f"redis {self.name}: history: {e}") from e
+        epoch, offset, complete, entries = reply[0].decode(), int(reply[1]), reply[2], reply[3]
+        position = Position(epoch, offset)
+        if since is None or since.epoch != epoch:
+            return History(position, complete=since is None)
+        publications = [_publication(post_id, epoch, entry) for entry in entries]
+        return History(position, publications, bool(complete))
+
+    async def recent(
+        self, post_id: str, after: int | None, before: int | None, limit: int
+    ) -> list[bytes]:
+        low = "-" if after is None else "(" + streams.padded(after) + ";"
+        high = "+" if before is None else "(" + streams.padded(before)
+        newest = "0" if after is not None else "1"
+        _, s, i = streams.keys(post_id)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                bodies: list[bytes] = await self._read_recent(
+                    keys=[i, s], args=[low, high, limit, newest]
+                )
+        except (RedisError, OSError, TimeoutError) as e:
+            raise ShardUnavailable(f"redis {self.name}: recent: {e}") from e
+        return bodies
 
     # -- status --------------------------------------------------------------------------------
 
@@ -166,13 +240,17 @@ class RedisShard:
             "state": self.pubsub.state,
             "connected": self.pubsub.connected,
             "channels": len(self.pubsub.post_channels()),
-            "last_error": self.pubsub.last_error or self.publisher.last_error,
+            "last_error": self.pubsub.last_error or self.last_error,
             "reconnects": self.pubsub.reconnects,
             "probe_failures": self.pubsub.probe_failures,
-            "dropped_publishes": self.publisher.dropped,
-            "lost_notices_pending": self.publisher.lost_pending,
-            "lost_notices_dropped": self.publisher.lost_notices_dropped,
-            "published": self.publisher.published,
-            "buffered": self.publisher.buffered,
+            "appended": self.appended,
             "last_probe_age": probe_age,
         }
+
+
+def _publication(post_id: str, epoch: str, entry: list[Any]) -> Publication:
+    """One XRANGE entry, `[b"<offset>-0", [b"k", kind, b"d", body]]`, as a publication."""
+    entry_id, fields = entry
+    offset = int(entry_id.split(b"-", 1)[0])
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return Publication(post_id, epoch, offset, values[b"k"], values[b"d"])

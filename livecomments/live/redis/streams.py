@@ -1,0 +1,106 @@
+"""Post streams in Redis: the keys of one post and the three scripts that read and write them.
+
+Per post, on its shard (TTLs refreshed by every write; positions outlive histories):
+* `livecomments:{P}:m`: a hash, `epoch` and `offset` (the last one given). TTL `history.meta_ttl`.
+* `livecomments:{P}:s`: a stream, one entry per publication, id `<offset>-0`, fields `k` (kind)
+  and `d` (body); trimmed to about `history.size` entries. TTL `history.ttl`.
+* `livecomments:{P}:i`: a sorted set by lexical order, `<20-digit comment id>:<offset>`: which
+  comment has which offset (the append's dedupe, and GET's window by id). Trimmed with `:s`.
+
+APPEND is one atomic step per comment: if its id is in `:i` it returns the offset it got then and
+publishes nothing (the outbox may repeat an append after a crash); otherwise it creates the
+position if there is none (a new epoch, given by the caller: a fresh random string), takes the
+next offset, adds the entry and the index row, trims both, and PUBLISHes the envelope
+(envelope.py) on the post's channel. HISTORY creates the position too, so the first viewer of a
+post that has no comment yet already holds the epoch later comments continue. RECENT reads a
+GET window of comments from the index and the stream.
+"""
+
+from __future__ import annotations
+
+ID_DIGITS = 20  # a comment id, zero-padded: lexical order is numeric order
+
+APPEND = """
+local m, s, i = KEYS[1], KEYS[2], KEYS[3]
+local channel, id, kind, body, candidate = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local size, ttl, meta_ttl = tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local epoch = redis.call('HGET', m, 'epoch')
+if epoch then
+  local found = redis.call('ZRANGEBYLEX', i, '[' .. id .. ':', '[' .. id .. ';', 'LIMIT', 0, 1)
+  if found[1] then
+    return {epoch, tonumber(string.sub(found[1], 22)), 0}
+  end
+else
+  epoch = candidate
+  redis.call('DEL', s, i)
+  redis.call('HSET', m, 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', m, 'offset', 1)
+redis.call('XADD', s, 'MAXLEN', '~', size, offset .. '-0', 'k', kind, 'd', body)
+redis.call('ZADD', i, 0, id .. ':' .. offset)
+local held = redis.call('ZCARD', i)
+if held > size then
+  redis.call('ZREMRANGEBYRANK', i, 0, held - size - 1)
+end
+redis.call('PEXPIRE', s, ttl)
+redis.call('PEXPIRE', i, ttl)
+redis.call('PEXPIRE', m, meta_ttl)
+redis.call('PUBLISH', channel, '2' .. epoch .. kind .. offset .. '|' .. body)
+return {epoch, offset, 1}
+"""
+
+# ARGV: since (-1: position only), limit, candidate epoch, meta_ttl.
+# Returns {epoch, offset, complete (1/0), entries...} with entries as XRANGE gives them.
+HISTORY = """
+local m, s = KEYS[1], KEYS[2]
+local since, limit, candidate, meta_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local epoch = redis.call('HGET', m, 'epoch')
+if not epoch then
+  epoch = candidate
+  redis.call('DEL', s, KEYS[3])
+  redis.call('HSET', m, 'epoch', epoch, 'offset', 0)
+end
+redis.call('PEXPIRE', m, meta_ttl)
+local offset = tonumber(redis.call('HGET', m, 'offset'))
+if since < 0 or since >= offset then
+  return {epoch, offset, 1, {}}
+end
+local entries = redis.call('XRANGE', s, (since + 1) .. '-0', '+', 'COUNT', limit)
+local first = entries[1]
+if not first or first[1] ~= (since + 1) .. '-0' then
+  return {epoch, offset, 0, {}}
+end
+return {epoch, offset, 1, entries}
+"""
+
+# ARGV: min, max (ZRANGEBYLEX bounds), count, newest (1: the newest `count`, 0: the oldest).
+# Returns the bodies of the comments (kind c) in the window, any order.
+RECENT = """
+local i, s = KEYS[1], KEYS[2]
+local min, max, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local rows
+if ARGV[4] == '1' then
+  rows = redis.call('ZREVRANGEBYLEX', i, max, min, 'LIMIT', 0, count)
+else
+  rows = redis.call('ZRANGEBYLEX', i, min, max, 'LIMIT', 0, count)
+end
+local out = {}
+for _, row in ipairs(rows) do
+  local offset = string.sub(row, 22)
+  local entry = redis.call('XRANGE', s, offset .. '-0', offset .. '-0')
+  if entry[1] and entry[1][2][2] == 'c' then
+    out[#out + 1] = entry[1][2][4]
+  end
+end
+return out
+"""
+
+
+def keys(post_id: str) -> list[str]:
+    """The position, stream and index keys of a post, in the scripts' KEYS order."""
+    base = f"livecomments:{{{post_id}}}:"
+    return [base + "m", base + "s", base + "i"]
+
+
+def padded(comment_id: int) -> str:
+    return f"{comment_id:0{ID_DIGITS}d}"
