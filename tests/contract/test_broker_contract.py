@@ -1,42 +1,58 @@
-"""The Bridge contract, one suite over every bridge: the in-memory one (a cluster of one node)
-and the Redis one (two nodes on two private redis-servers, a ring over both).
+"""The Broker contract, one suite over every broker: the in-memory one (a cluster of one node)
+and the Redis one (two nodes over two private redis-servers, a ring over both).
 
-What any bridge under a hub promises (live/bridge.py): every subscriber on every node receives
-each comment once, in its publisher's order; nobody receives a comment twice through their own
-node's echo; after the last local subscriber leaves, nothing more arrives; publishing to a post
-nobody follows, or while nobody listens, never raises.
+What any broker promises (live/broker.py): `append` gives each comment the next offset of its
+post's stream, once (a repeated append returns the first position); every node following the
+post, the appending one included, is handed each publication in offset order; `history` says
+where a stream is and replays what it still holds after a position, or says it cannot; and, under
+a hub, every viewer on every node sees each comment once, in one order for all.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from livecomments.config import RedisSettings
-from livecomments.live.bridge import MemoryBridge
+from livecomments.config import HistorySettings, RedisSettings
+from livecomments.live.broker import Broker, MemoryBroker
 from livecomments.live.hub import Hub
-from livecomments.live.redis.bridge import RedisBridge
+from livecomments.live.redis.broker import RedisBroker
 from livecomments.model.comment import Comment
+from livecomments.model.stream import COMMENT, Entry, Position, Publication
 from tests.support.redis_servers import RedisServers, redis_servers
 from tests.support.wait import wait_for
 
 DEADLINE = 10.0
+HISTORY = HistorySettings(size=50, ttl=60, meta_ttl=600)
 
 
-class Socket:
-    """A subscriber as the hub sees one: it takes whole frames."""
+class Recorder:
+    """A stand-in hub: records what its broker hands it."""
 
-    def __init__(self) -> None:
-        self.messages: list[str] = []
+    def __init__(self, posts: Iterable[str] = ()) -> None:
+        self.posts = set(posts)
+        self.publications: list[Publication] = []
+        self.gaps: list[str] = []
 
-    def offer(self, frame: bytes) -> bool:
-        event = orjson.loads(frame[2:] if frame[1] < 126 else frame[4:])
-        if event["type"] == "comment":
-            self.messages.append(event["comment"]["message"])
-        return True
+    def on_publication(self, publication: Publication) -> None:
+        self.publications.append(publication)
+
+    def on_stream_gap(self, post_ids: Iterable[str]) -> None:
+        self.gaps.extend(post_ids)
+
+    def local_posts(self) -> Collection[str]:
+        return self.posts
+
+    def offsets(self, post_id: str) -> list[int]:
+        return [p.offset for p in self.publications if p.post_id == post_id]
+
+
+def entry(i: int, post_id: str = "p", message: str | None = None) -> Entry:
+    body = Comment(i, post_id, "u", message or f"m{i}", None, None, 1).encode()
+    return Entry(i, post_id, COMMENT, body)
 
 
 @pytest.fixture
@@ -46,67 +62,127 @@ def redis(tmp_path: Path) -> Iterator[RedisServers]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[list[Hub]]:
-    """The hubs of one cluster, started; stopped afterwards."""
+async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[list[Broker]]:
+    """The brokers of one cluster (one per node), not started."""
+    made: list[Broker]
     if request.param == "memory":
-        hubs = [Hub(MemoryBridge())]
+        made = [MemoryBroker(HISTORY)]
     else:
         servers: RedisServers = request.getfixturevalue("redis")
         urls = [s.url for s in servers.start(2)]
-        hubs = [Hub(RedisBridge(RedisSettings(urls=urls, probe_interval=5.0))) for _ in range(2)]
+        settings = RedisSettings(urls=urls, probe_interval=5.0)
+        made = [RedisBroker(settings, HISTORY) for _ in range(2)]
+    yield made
+    for broker in made:
+        await broker.stop()
+
+
+async def started(brokers: list[Broker], posts: Iterable[str]) -> list[Recorder]:
+    recorders = []
+    for broker in brokers:
+        recorder = Recorder(posts)
+        await broker.start(recorder)
+        recorders.append(recorder)
+    for broker in brokers:
+        await wait_for(lambda b=broker: b.status()["status"] == "ok", DEADLINE, "connected")
+        for post in posts:
+            await broker.subscribe(post)
+    return recorders
+
+
+# -- append ------------------------------------------------------------------------------------
+
+
+async def test_append_numbers_a_stream_from_one_and_once_per_comment(brokers: list[Broker]):
+    await started(brokers, [])
+    first = await brokers[0].append([entry(1), entry(2)])
+    assert [p.offset for p in first if p] == [1, 2]
+    epoch = first[0].epoch if first[0] else ""
+    # Another node continues the same stream; a repeat keeps its first offset.
+    again = await brokers[-1].append([entry(3), entry(1), entry(4, "q")])
+    assert again == [Position(epoch, 3), Position(epoch, 1), again[2]]
+    assert again[2] is not None and again[2].offset == 1  # another post, its own stream
+    assert await brokers[0].position("p") == Position(epoch, 3)
+
+
+async def test_every_following_node_gets_every_publication_in_order_the_appender_too(
+    brokers: list[Broker],
+):
+    recorders = await started(brokers, ["p"])
+    for i in range(1, 31):
+        await brokers[i % len(brokers)].append([entry(i)])
+    for recorder in recorders:
+        await wait_for(lambda r=recorder: len(r.offsets("p")) >= 30, DEADLINE, "delivery")
+        assert recorder.offsets("p") == list(range(1, 31))
+        bodies = [orjson.loads(p.body)["message"] for p in recorder.publications]
+        assert bodies == [f"m{i}" for i in range(1, 31)]
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+async def test_history_replays_after_a_position_in_its_epoch(brokers: list[Broker]):
+    await started(brokers, [])
+    positions = await brokers[0].append([entry(i) for i in range(1, 6)])
+    epoch = positions[0].epoch if positions[0] else ""
+    history = await brokers[-1].history("p", Position(epoch, 2), 100)
+    assert history.complete and history.position == Position(epoch, 5)
+    assert [p.offset for p in history.publications] == [3, 4, 5]
+    assert orjson.loads(history.publications[0].body)["message"] == "m3"
+    assert (await brokers[-1].history("p", Position(epoch, 5), 100)).publications == []
+
+
+async def test_history_says_so_when_it_cannot_replay(brokers: list[Broker]):
+    await started(brokers, [])
+    # Redis trims in whole nodes of about 100 entries: go well past the size.
+    positions = await brokers[0].append([entry(i) for i in range(1, HISTORY.size * 6)])
+    epoch = positions[0].epoch if positions[0] else ""
+    trimmed = await brokers[-1].history("p", Position(epoch, 1), 1000)
+    assert not trimmed.complete and trimmed.publications == []  # offset 2 is gone
+    other = await brokers[-1].history("p", Position("another-epoch", 3), 1000)
+    assert not other.complete and other.position.epoch == epoch
+
+
+async def test_a_new_post_has_a_position_before_its_first_comment(brokers: list[Broker]):
+    await started(brokers, [])
+    empty = await brokers[0].history("fresh", None, 10)
+    assert empty.position.offset == 0 and empty.complete
+    appended = await brokers[-1].append([entry(1, "fresh")])
+    assert appended == [Position(empty.position.epoch, 1)]  # the epoch a viewer was given
+
+
+# -- under hubs: what viewers see --------------------------------------------------------------
+
+
+class Socket:
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+        self.messages: list[str] = []
+
+    def offer(self, frame: bytes) -> bool:
+        event = orjson.loads(frame[2:] if frame[1] < 126 else frame[4:])
+        if event["type"] == "comment":
+            self.offsets.append(event["offset"])
+            self.messages.append(event["comment"]["message"])
+        return True
+
+
+async def test_every_viewer_on_every_node_sees_every_comment_once_in_one_order(
+    brokers: list[Broker],
+):
+    hubs = [Hub(broker) for broker in brokers]
     for hub in hubs:
         await hub.start()
-    for hub in hubs:
-        await wait_for(lambda h=hub: h.bridge_status()["status"] == "ok", DEADLINE, "bridge up")
-    yield hubs
+    for broker in brokers:
+        await wait_for(lambda b=broker: b.status()["status"] == "ok", DEADLINE, "connected")
+    viewers = [Socket() for _ in range(2 * len(hubs))]
+    for i, viewer in enumerate(viewers):
+        await hubs[i % len(hubs)].subscribe(viewer, "shared", None)
+    for i in range(1, 41):
+        await brokers[i % len(brokers)].append([entry(i, "shared")])
+    await wait_for(lambda: all(len(v.offsets) >= 40 for v in viewers), DEADLINE, "delivery")
+    for viewer in viewers:
+        assert viewer.offsets == list(range(1, 41))
+        assert viewer.messages == viewers[0].messages  # one order for everyone
     for hub in hubs:
         await hub.stop()
-
-
-def publish(hub: Hub, post_id: str, message: str, i: int) -> None:
-    hub.publish(post_id, Comment(i, post_id, "u", message, None, None, 1).encode())
-
-
-async def test_every_subscriber_gets_every_comment_once_in_each_publishers_order(
-    nodes: list[Hub],
-):
-    watchers = {id(hub): [Socket(), Socket()] for hub in nodes}
-    for hub in nodes:
-        for socket in watchers[id(hub)]:
-            await hub.subscribe(socket, "contract")
-    expected: list[str] = []
-    for n, hub in enumerate(nodes):
-        for i in range(50):
-            message = f"node{n}-{i}"
-            publish(hub, "contract", message, n * 1000 + i)
-            expected.append(message)
-    everyone = [s for sockets in watchers.values() for s in sockets]
-    await wait_for(
-        lambda: all(len(s.messages) >= len(expected) for s in everyone), DEADLINE, "delivery"
-    )
-    for socket in everyone:
-        assert sorted(socket.messages) == sorted(expected)  # each once: no echo, no repeat
-        for n in range(len(nodes)):
-            mine = [m for m in socket.messages if m.startswith(f"node{n}-")]
-            assert mine == [f"node{n}-{i}" for i in range(50)]  # the publisher's order
-
-
-async def test_nothing_arrives_after_the_last_local_subscriber_left(nodes: list[Hub]):
-    socket = Socket()
-    listener = nodes[-1]
-    await listener.subscribe(socket, "leaving")
-    publish(nodes[0], "leaving", "before", 1)
-    await wait_for(lambda: socket.messages == ["before"], DEADLINE, "the first comment")
-    await listener.unsubscribe(socket, "leaving")
-    assert listener.post_count == 0
-    later = Socket()
-    await nodes[0].subscribe(later, "leaving")  # a witness that the next one did go out
-    publish(nodes[0], "leaving", "after", 2)
-    await wait_for(lambda: later.messages == ["after"], DEADLINE, "the witness's comment")
-    assert socket.messages == ["before"]
-
-
-async def test_publishing_where_nobody_listens_never_raises(nodes: list[Hub]):
-    for i, hub in enumerate(nodes):
-        publish(hub, "nobody-here", "into the void", i)
-        assert hub.bridge_status()["status"] == "ok"
