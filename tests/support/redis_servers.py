@@ -179,6 +179,10 @@ class DeafeningProxy:
         self.upstream = bytearray()  # everything clients sent, to see which commands went out
         self.replies_open = asyncio.Event()
         self.replies_open.set()
+        # Commands (not Pub/Sub) wait here while held: a request in flight that has not reached
+        # Redis yet, released in order.
+        self.requests_open = asyncio.Event()
+        self.requests_open.set()
         # Seconds each chunk the server sends a Pub/Sub connection is held before it is passed
         # on: slow confirmations, for the interleavings that need a reply late but not lost.
         self.reply_delay = 0.0
@@ -200,6 +204,12 @@ class DeafeningProxy:
     def sent(self, command: bytes) -> int:
         """How many times clients sent `command` (matched as a RESP bulk string)."""
         return self.upstream.count(b"$%d\r\n%s\r\n" % (len(command), command))
+
+    def hold_requests(self) -> None:
+        self.requests_open.clear()
+
+    def release_requests(self) -> None:
+        self.requests_open.set()
 
     def hold_replies(self) -> None:
         self.replies_open.clear()
@@ -243,6 +253,8 @@ class DeafeningProxy:
                     if b"SUBSCRIBE" in data.upper() and not state["pubsub"]:
                         state["pubsub"] = True
                         self._pubsub_states.append(state)
+                    if not state["pubsub"]:
+                        await self.requests_open.wait()
                 elif state["pubsub"]:
                     await self.replies_open.wait()
                     if self.reply_delay:
