@@ -216,6 +216,36 @@ def test_restart_reconnects_catches_up_and_keeps_unsent_text(
     assert len(api_list(server, "post-1")) == 3
 
 
+def test_a_reload_the_server_cannot_answer_is_retried_until_it_can(
+    server: ServerProcess, browser: Browser
+) -> None:
+    """Issue 10, mechanism 4: a catch-up that failed (a 503 while the database is down, an
+    instance that died) used to be dropped, and its gap stayed. The page retries, with backoff."""
+    api_post(server, "reload-retry", "there before the page came")
+    refused: list[str] = []
+
+    def refuse_twice(route: Route) -> None:
+        if len(refused) < 2:
+            refused.append(route.request.url)
+            body = '{"error":{"code":"store_unavailable","message":"the database is down"}}'
+            route.fulfill(status=503, content_type="application/json", body=body)
+        else:
+            route.continue_()
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/v1/comments?*post_id=reload-retry*", refuse_twice)
+        page.goto(f"{server.url}/")
+        page.locator("#post").fill("reload-retry")
+        watch_button(page).click()
+        expect(messages(page)).to_have_count(1, timeout=15_000)
+        assert len(refused) == 2
+        expect(page.locator("#status")).to_have_text("live on reload-retry")
+    finally:
+        context.close()
+
+
 def test_proxy_error_pages_are_said_and_a_retry_is_the_same_comment(
     server: ServerProcess, open_page: OpenPage
 ) -> None:
