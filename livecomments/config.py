@@ -95,16 +95,12 @@ class WebSocketSettings:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    # Redis servers carrying live traffic between instances, e.g. ["redis://127.0.0.1:6379/0"].
-    # Empty: a single instance with the in-memory bridge. Posts are spread over them by ring.py.
+    # Redis servers keeping the posts' streams, e.g. ["redis://127.0.0.1:6379/0"]. Empty: one
+    # instance, its streams in memory. Posts are spread over them by a ring (live/redis/ring.py).
     urls: list[str] = field(default_factory=list)
     # Seconds between liveness probes of each Pub/Sub connection; a connection that does not
-    # echo a probe within this interval is re-established (and its posts get `resync`).
+    # echo a probe within this interval is re-established (and its posts' gaps filled).
     probe_interval: float = 5.0
-    # Encoded events waiting to be published, per Redis server; past it the oldest are dropped.
-    publish_buffer: int = 10_000
-    # Seconds a failed publish is retried before it is counted as dropped.
-    publish_retry: float = 10.0
     # Seconds to connect to / wait on a Redis command (not the Pub/Sub read, which blocks).
     timeout: float = 2.0
 
@@ -163,8 +159,6 @@ _RANGES: dict[str, tuple[float, float]] = {
     "history.ttl": (1, 7 * 86400),
     "history.meta_ttl": (60, 365 * 86400),
     "redis.probe_interval": (0.05, 3600),
-    "redis.publish_buffer": (1, 10_000_000),
-    "redis.publish_retry": (0, 3600),
     "redis.timeout": (0.05, 600),
     "websocket.heartbeat": (0.1, 3600),
     "websocket.outbox_max_bytes": (1024, 1 << 32),

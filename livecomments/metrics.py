@@ -66,7 +66,23 @@ FANOUT_SECONDS = Histogram(
     "Time to offer one event to every local subscriber of its post (no socket is awaited).",
     buckets=(0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
-RESYNCS = Counter("livecomments_resyncs", "Resync events sent to local subscribers.")
+# Was livecomments_resyncs_total: the resync hint is gone; a reset is what remains of it.
+RESETS = Counter(
+    "livecomments_resets",
+    "Viewers told to reload: a gap the stream's history no longer held, or a new epoch.",
+)
+RECOVERIES = Counter(
+    "livecomments_recoveries",
+    "Subscribes with a position, by whether the history replayed what they missed.",
+    ["recovered"],
+)
+OUTBOX_UNAPPENDED = Gauge(
+    "livecomments_outbox_unappended", "Acknowledged comments not yet in their post's stream."
+)
+OUTBOX_APPEND_FAILURES = Counter(
+    "livecomments_outbox_append_failures",
+    "Appends that found their post's shard unreachable (retried; shown locally meanwhile).",
+)
 # Was livecomments_ws_connections_total: a counter and the gauge below cannot share a name.
 WS_CONNECTIONS_ACCEPTED = Counter(
     "livecomments_ws_connections_accepted", "WebSocket connections accepted."
@@ -86,23 +102,17 @@ POSTS_FOLLOWED = Gauge("livecomments_posts_followed", "Posts with local subscrib
 # -- Redis --------------------------------------------------------------------------------------
 
 REDIS_PUBLISHED = Counter(
-    "livecomments_redis_published", "Events published to Redis for the other instances."
+    "livecomments_redis_published", "Comments appended to their stream on a Redis shard."
 )
 REDIS_PUBLISH_SECONDS = Histogram(
     "livecomments_redis_publish_seconds",
-    "Round trip of one pipelined batch of PUBLISHes.",
+    "Round trip of one pipelined batch of appends (the APPEND script: offset, history, PUBLISH).",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
 )
-REDIS_PUBLISH_DROPPED = Counter(
-    "livecomments_redis_publish_dropped",
-    "Events never published: buffer full or retries exhausted.",
-)
 REDIS_RECEIVED = Counter(
-    "livecomments_redis_received", "Events received from other instances through Redis."
+    "livecomments_redis_received", "Publications received through Redis Pub/Sub."
 )
-REDIS_DISCARDED = Counter(
-    "livecomments_redis_discarded", "Redis messages dropped: malformed, or a retried duplicate."
-)
+REDIS_DISCARDED = Counter("livecomments_redis_discarded", "Redis messages dropped as malformed.")
 REDIS_RECONNECTS = Counter(
     "livecomments_redis_reconnects",
     "Pub/Sub connections re-established after a loss, by shard.",

@@ -126,7 +126,7 @@ async def instance_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The hub and its bridge to the other instances (live/hub.py, live/redis/)."""
+    """The hub and its broker, the keeper of the posts' streams (live/hub.py, live/broker.py)."""
     hub = app[HUB]
     conns = app[CONNS]
     metrics.bind(metrics.WS_CONNECTIONS_OPEN, lambda: len(conns))
@@ -145,6 +145,7 @@ async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher = StreamPublisher(durable.queue, hub.broker, hub.deliver_unsequenced)
     durable.streams = hub.broker
     app[PUBLISHER] = publisher
+    metrics.bind(metrics.OUTBOX_UNAPPENDED, durable.queue.rows.unappended_count)
     checks: set[asyncio.Task[None]] = set()
 
     def reconnected() -> None:

@@ -119,6 +119,8 @@ class Hub:
             stream.joiners.discard(joiner)
         position = stream.position
         if position is None or since is None or since.epoch != position.epoch:
+            if since is not None:
+                metrics.RECOVERIES.labels("false").inc()
             self._answer(stream, sub, recovered=False)
         elif since.offset >= position.offset:
             self._answer(stream, sub, recovered=since.offset == position.offset)
@@ -137,7 +139,8 @@ class Hub:
         except BrokerUnavailable:
             publications = None
         if joiner in stream.joiners and self._streams.get(stream.post_id) is stream:
-            stream.finish_join(joiner, publications)
+            recovered = stream.finish_join(joiner, publications)
+            metrics.RECOVERIES.labels(str(recovered).lower()).inc()
 
     async def _follow(self, post_id: str) -> PostStream:
         """The post's stream, followed by the broker (or to be, once it is back)."""
@@ -259,7 +262,7 @@ class Hub:
             if stream.subs:  # they were told "no position": now they have one
                 stream.reset(position)
         elif position.epoch != ours.epoch or not complete:
-            metrics.RESYNCS.inc(len(stream.subs))
+            metrics.RESETS.inc(len(stream.subs))
             stream.reset(position)
         else:
             for publication in publications:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from livecomments import metrics
 from livecomments.backoff import Backoff
 from livecomments.model.stream import COMMENT, Entry
 from livecomments.storage.base import Streams
@@ -93,6 +94,7 @@ class StreamPublisher:
 
     def _park(self, entries: list[Entry], until: float) -> None:
         self.append_failures += len(entries)
+        metrics.OUTBOX_APPEND_FAILURES.inc(len(entries))
         for entry in entries:
             self._parked[entry.comment_id] = until
             if entry.comment_id not in self._announced:

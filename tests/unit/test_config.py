@@ -228,8 +228,8 @@ def _environ_without_settings() -> dict[str, str]:
 # -- the systemd unit ---------------------------------------------------------------------------
 
 UNIT = REPO / "docs" / "livecomments.service"
-# A later change may add a drain period before the shutdown; the unit must leave room for more
-# than server.shutdown_timeout alone.
+# SIGTERM drains (server.drain_seconds), then stops (server.shutdown_timeout); the process needs
+# a moment beyond both to exit.
 STOP_MARGIN = 10.0
 
 
@@ -259,7 +259,9 @@ def test_the_systemd_unit_has_what_one_host_needs():
     assert command.startswith("/") and command.endswith("/.venv/bin/livecomments")
     assert args[0] == "serve" and args[args.index("--config") + 1].startswith("/")
     assert int(service["LimitNOFILE"]) >= LimitsSettings().max_connections + 1000
-    assert _seconds(service["TimeoutStopSec"]) >= ServerSettings().shutdown_timeout + STOP_MARGIN
+    defaults = ServerSettings()
+    stop = defaults.drain_seconds + defaults.shutdown_timeout + STOP_MARGIN
+    assert _seconds(service["TimeoutStopSec"]) >= stop
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["Restart"] == "on-failure"
 

@@ -174,7 +174,7 @@ class PubSubSession:
             log.error("redis %s: Pub/Sub session failed; restarting", self.name, exc_info=error)
         elif was_up:
             log.warning(
-                "redis %s: Pub/Sub connection lost (%s); reconnecting, %d posts will resync",
+                "redis %s: Pub/Sub connection lost (%s); reconnecting, %d posts to check",
                 self.name,
                 message,
                 following,
