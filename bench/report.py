@@ -95,6 +95,24 @@ def _limited(run: dict[str, Any]) -> str:
     return ", ".join(run["limited_by"]) or "neither CPU"
 
 
+def _redis_hot_rows(sc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The hot post across two instances through Redis (ours only: the peer has no such mode)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    via = _get(sc, "hot_post_redis", OURS) or {}
+    for size, o in sorted(via.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+        if not isinstance(o, dict) or not size.isdigit():
+            continue
+        name = f"1b. Hot post via Redis, 2 instances, {int(size):,} subscribers"
+        sustained = f"sustained deliveries/s (p99 <= {P99_BUDGET_MS:g} ms, none lost)"
+        rows.append((name, sustained, _n(o.get("sustained_deliveries_per_s")), "-", ""))
+        half = "latency p50 / p99 / p99.9 ms at half that rate"
+        rows.append(("", half, _lat(_get(o, "half_rate", "latency")), "-", ""))
+        rows.append(
+            ("", "peak deliveries/s at any latency", _n(o.get("peak_throughput_per_s")), "-", "")
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     """The results as one markdown table: scenario, measure, ours, theirs, ours / theirs."""
     sc = results.get("scenarios", {})
@@ -171,6 +189,8 @@ def table(results: dict[str, Any]) -> str:
         for server, label in ((o, OURS), (t, PEER)):
             if server.get("error"):
                 rows.append(("", f"{label}: error", server["error"][:80], "", ""))
+
+    rows += _redis_hot_rows(sc)
 
     many = sc.get("many_posts", {})
     if many:
@@ -431,6 +451,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     met, or not tried (the quick scale opens 1,000 sockets, not 10,000: it cannot say NO)."""
     return [
         _deliveries_target(results),
+        _redis_deliveries_target(results),
         _ratio_target(results),
         _ingest_target(results),
         *_idle_targets(results),
@@ -441,6 +462,18 @@ def _sustained(results: dict[str, Any]) -> dict[str, int]:
     """Our sustained deliveries/s per hot-post size (the key: the size as a string)."""
     hot = _get(results, "scenarios", "hot_post", OURS) or {}
     return {s: r.get("sustained_deliveries_per_s") or 0 for s, r in hot.items()}
+
+
+def _redis_deliveries_target(results: dict[str, Any]) -> dict[str, Any]:
+    target = f">= {TARGET_DELIVERIES:,} deliveries/s at p99 <= {P99_BUDGET_MS:g} ms via Redis"
+    via = _get(results, "scenarios", "hot_post_redis", OURS) or {}
+    ours = {
+        s: r.get("sustained_deliveries_per_s") or 0 for s, r in via.items() if isinstance(r, dict)
+    }
+    if not ours:
+        return _target(target, "-", None, results)
+    size, best = max(ours.items(), key=lambda kv: kv[1])
+    return _target(target, f"{best:,}/s ({size} subscribers)", best >= TARGET_DELIVERIES, results)
 
 
 def _deliveries_target(results: dict[str, Any]) -> dict[str, Any]:

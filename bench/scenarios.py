@@ -140,6 +140,7 @@ SCALES: dict[str, Scale] = {
         quiet_s=3.0,
         caps={
             "hot_post": 330.0,
+            "hot_post_redis": 60.0,
             "many_posts": 110.0,
             "ingest": 70.0,
             "idle": 100.0,
@@ -178,6 +179,7 @@ SCALES: dict[str, Scale] = {
         quiet_s=1.0,
         caps={
             "hot_post": 30.0,
+            "hot_post_redis": 20.0,
             "many_posts": 15.0,
             "ingest": 20.0,
             "idle": 20.0,
@@ -216,6 +218,7 @@ SCALES: dict[str, Scale] = {
         quiet_s=0.3,
         caps={
             "hot_post": 20.0,
+            "hot_post_redis": 15.0,
             "many_posts": 12.0,
             "ingest": 12.0,
             "idle": 10.0,
@@ -586,19 +589,49 @@ async def hot_post(ctx: Context, out: dict[str, Any]) -> None:
             await _hot_post_run(ctx, kind, size, run)
 
 
-async def _hot_post_run(ctx: Context, kind: str, size: int, run: dict[str, Any]) -> None:
+async def hot_post_redis(ctx: Context, out: dict[str, Any]) -> None:
+    """The hot post again, across two instances: the POSTs go to one, every subscriber is on
+    the other, and each comment crosses a private redis-server (its stream's APPEND, then
+    Pub/Sub). Both instances and Redis share the server's core."""
+    if "livecomments" not in ctx.servers:
+        return
+    if shutil.which("redis-server") is None:
+        ctx.log("hot_post_redis: skipped: redis-server is not installed")
+        out["livecomments"] = {"skipped": "redis-server is not installed"}
+        return
+    runs: dict[str, Any] = out.setdefault("livecomments", {})
+    size = min(ctx.scale.hot_sizes)
+    run: dict[str, Any] = runs.setdefault(str(size), {})
+    ctx.log(f"hot_post_redis: livecomments, 2 instances via Redis, {size} subscribers")
+    await _hot_post_run(ctx, "livecomments", size, run, via_redis=True)
+
+
+async def _hot_post_run(
+    ctx: Context, kind: str, size: int, run: dict[str, Any], *, via_redis: bool = False
+) -> None:
     scale = ctx.scale
     run_started = time.monotonic()
-    tag = f"hot{size}"
+    tag = f"hot{size}" + ("-redis" if via_redis else "")
     async with ProcGroup(ctx.workdir, ctx.pinning) as group:
-        starting = start_server(group, ctx, kind, tag)
+        poster_port: int | None = None
+        if via_redis:
+            redis_port = await start_redis(group, ctx, f"{tag}-redis")
+            env = {"LIVECOMMENTS_REDIS_URLS": f"redis://127.0.0.1:{redis_port}/0"}
+            poster_port = (await start_server(group, ctx, kind, f"{tag}-a", env)).port
+            starting = start_server(group, ctx, kind, f"{tag}-b", env)
+        else:
+            starting = start_server(group, ctx, kind, tag)
         load = await Load.start(group, starting, scale, f"{tag}-{kind}")
         server = load.server
         run["sockets"] = await load.open_sockets([["hot"]] * size, within=90)
         fanout = run["sockets"]["opened"]
         started = time.monotonic()  # the ladder's budget starts once everyone is subscribed
         await load.poster.call(
-            30, cmd="connect", port=server.port, connections=scale.poster_connections, pad=PAD
+            30,
+            cmd="connect",
+            port=poster_port or server.port,
+            connections=scale.poster_connections,
+            pad=PAD,
         )
         steps: list[dict[str, Any]] = run.setdefault("steps", [])
 
@@ -1173,6 +1206,7 @@ async def drain(ctx: Context, out: dict[str, Any]) -> None:
 Scenario = Callable[[Context, dict[str, Any]], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "hot_post": hot_post,
+    "hot_post_redis": hot_post_redis,
     "many_posts": many_posts,
     "ingest": ingest,
     "idle": idle,
