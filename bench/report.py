@@ -689,6 +689,42 @@ def _pct(stats: dict[str, float] | None, key: str) -> str:
     return f"{stats[key] * 100:.0f}%" if stats else "?"
 
 
+REDIS_MEMORY = Path(__file__).resolve().parent / "results" / "redis-memory.json"
+
+
+def redis_memory_section(path: Path = REDIS_MEMORY) -> str:
+    """The Redis memory a post's history takes, from `python -m bench.redis_memory`'s last run
+    (a count of bytes, not a timing: it is not re-measured by every `make bench`)."""
+    if not path.exists():
+        return ""
+    data = orjson.loads(path.read_bytes())
+    rows = "\n".join(
+        f"| {r['comments']:,} | {r['bytes']:,} ({' + '.join(f'{b:,}' for b in r['keys'])}) "
+        f"| {r['bytes'] // r['comments']:,} |"
+        for r in data["rows"]
+    )
+    per_comment = data["rows"][-1]["bytes"] // data["rows"][-1]["comments"]
+    position = data["rows"][0]["keys"][0]
+    return f"""### Redis memory per post of history
+
+What a post's stream history costs in Redis: `.venv/bin/python -m bench.redis_memory` appends
+comments of 100-character messages through the real broker to a private redis-server and reads
+`MEMORY USAGE` of the post's three keys (position, stream, index). Measured {data["measured"]},
+Redis {data["redis"]}, on the machine below; not part of `make bench`, which does not change it
+(`bench/results/redis-memory.json`).
+
+| comments held | bytes (position + stream + index) | per comment |
+|---|---|---|
+{rows}
+
+About {per_comment:,} bytes per comment held at the default `history.size`, and {position:,}
+bytes for a post's position alone (kept for
+`history.meta_ttl` after its last use). A stream's first entry costs a whole stream node, so many
+posts of one comment each cost more per comment.
+
+"""
+
+
 def markdown(results: dict[str, Any], json_name: str) -> str:
     """BENCHMARKS.md: generated from one run's results, so it is replaced by the next run."""
     m = results["machine"]
@@ -735,6 +771,7 @@ passed: even one comment's fan-out took longer than {P99_BUDGET_MS:g} ms at p99.
 python-socketio has no durable write, so ingest has no peer figure.
 
 {ingest_comparison(results)}
+{redis_memory_section()}
 ### Targets (issue 5, per server process on one core)
 
 {targets_table(results)}
