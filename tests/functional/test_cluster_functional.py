@@ -1,16 +1,20 @@
 """Several real instances (subprocesses) over a ring of private Redis servers, real WebSockets.
 
-Every comment posted to any instance must reach every subscriber of its post on every instance,
-exactly once; a Redis fault or a ring change must end, for the affected posts, in a `resync`
-event and then live delivery again.
+Viewers are `tests/support/viewer.py`'s documented client: they keep each post's position, apply
+events in offset order, reload on `reset`, and log everything, so the tests count. Every comment
+posted to any instance must reach every viewer of its post on every instance once, in its
+stream's order (the same for every viewer). A ring change or a Redis server that restarted empty
+costs the affected posts, and only those, a `reset`; a Pub/Sub connection lost or gone deaf costs
+nothing visible: the hub fills the gap from the stream's history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,10 @@ import aiohttp
 import pytest
 
 from livecomments.live.redis.ring import Ring
-from tests.support.redis_servers import RedisServer, RedisServers, redis_servers
+from tests.support.redis_servers import DeafeningProxy, RedisServers, redis_servers
 from tests.support.server import ServerProcess
-from tests.support.wait import wait_for as async_wait_until
+from tests.support.viewer import Viewer, settle
+from tests.support.wait import wait_for
 
 PROBE = 0.5  # redis.probe_interval in the fault tests, seconds
 # Elsewhere the probe is not under test: a slower one cannot fail spuriously on a busy machine.
@@ -75,54 +80,21 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             cluster.stop()
 
 
-class Watcher:
-    """One WebSocket subscribed to some posts; records every event it receives."""
+@pytest.fixture
+async def viewers(http: aiohttp.ClientSession) -> AsyncIterator[Any]:
+    """`open(server, posts)`: a started Viewer on one instance, stopped when the test ends."""
+    rng = random.Random(10)
+    async with contextlib.AsyncExitStack() as stack:
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, name: str) -> None:
-        self.ws = ws
-        self.name = name
-        self.events: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
+        async def open_viewer(server: ServerProcess, posts: Sequence[str]) -> Viewer:
+            viewer = Viewer(
+                http, [server.url], posts, rng=rng, name=f"{server.name}:{list(posts)[:2]}"
+            )
+            await stack.enter_async_context(viewer)
+            await viewer.wait_positioned(DEADLINE)
+            return viewer
 
-    @classmethod
-    async def open(
-        cls, http: aiohttp.ClientSession, server: ServerProcess, posts: list[str]
-    ) -> Watcher:
-        watcher = cls(await http.ws_connect(server.ws_url), f"{server.name}:{posts[:2]}")
-        for post in posts:
-            await watcher.ws.send_json({"type": "subscribe", "post_id": post})
-        await watcher.wait(
-            lambda: {e["post_id"] for e in watcher.of("subscribed")} == set(posts), "subscribed"
-        )
-        return watcher
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.events.append(msg.json())
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == kind]
-
-    def comment_ids(self) -> list[str]:
-        """Ids of every comment received, from `comment` and batched `comments` events."""
-        ids = []
-        for e in self.events:
-            if e["type"] == "comment":
-                ids.append(e["comment"]["id"])
-            elif e["type"] == "comments":
-                ids.extend(c["id"] for c in e["comments"])
-        return ids
-
-    def resynced(self) -> set[str]:
-        return {e["post_id"] for e in self.of("resync")}
-
-    async def wait(self, check: Any, what: str, timeout: float = DEADLINE) -> None:
-        await async_wait_until(check, timeout, f"{self.name}: {what}")
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        yield open_viewer
 
 
 async def post(http: aiohttp.ClientSession, server: ServerProcess, post_id: str, text: str) -> str:
@@ -132,12 +104,24 @@ async def post(http: aiohttp.ClientSession, server: ServerProcess, post_id: str,
         return str((await r.json())["comment"]["id"])
 
 
-async def bridge_status(http: aiohttp.ClientSession, server: ServerProcess) -> dict[str, Any]:
+async def broker_status(http: aiohttp.ClientSession, server: ServerProcess) -> dict[str, Any]:
     async with http.get(f"{server.url}/readyz") as r:
         body = await r.json()
-    # The bridge's status is embedded in /readyz (top level, or under "hub" in older builds).
-    found: dict[str, Any] = body.get("bridge") or body["hub"]["bridge"]
+    found: dict[str, Any] = body["broker"]
     return found
+
+
+async def _all_ok(http: aiohttp.ClientSession, servers: list[ServerProcess]) -> bool:
+    statuses = [(await broker_status(http, s))["status"] for s in servers]
+    return statuses == ["ok"] * len(servers)
+
+
+async def _state_of(
+    http: aiohttp.ClientSession, server: ServerProcess, url: str, key: str, value: Any
+) -> bool:
+    status = await broker_status(http, server)
+    name = url  # node names are URLs without passwords; ours have none
+    return any(n["url"] == name and n[key] == value for n in status["nodes"])
 
 
 def posts_on(ring: Ring, url: str, count: int, prefix: str) -> list[str]:
@@ -150,44 +134,80 @@ def posts_on(ring: Ring, url: str, count: int, prefix: str) -> list[str]:
     return found
 
 
+def check_clean(viewer: Viewer) -> None:
+    """What no viewer may ever see: an id twice, one comment under two offsets, a jump."""
+    assert viewer.duplicates == [], viewer.name
+    assert viewer.redelivered == [], viewer.name
+    assert viewer.offset_violations == [], viewer.name
+    viewer.raise_if_failed()
+
+
+def check_undisturbed(viewer: Viewer, post_ids: Sequence[str]) -> None:
+    """Since its first subscribe, the post's stream came to this viewer live, without a gap: no
+    reset, no gap, no resubscribe, no reload but the first, consecutive offsets, one socket."""
+    for post_id in post_ids:
+        assert viewer.entries("reset", post_id) == [], (viewer.name, post_id)
+        assert viewer.gaps(post_id) == [], (viewer.name, post_id)
+        assert len(viewer.entries("subscribe", post_id)) == 1, (viewer.name, post_id)
+        assert len(viewer.reloads(post_id)) == 1, (viewer.name, post_id)
+        assert viewer.entries("unpositioned", post_id) == [], (viewer.name, post_id)
+        (answer,) = viewer.entries("subscribed", post_id)
+        offsets = [offset for _, offset, _ in viewer.applied(post_id)]
+        assert answer.offset is not None
+        assert offsets == list(range(answer.offset + 1, answer.offset + 1 + len(offsets)))
+    assert len(viewer.connections) == 1, viewer.name
+
+
+def ids_by_post(pairs: Sequence[tuple[str, str]]) -> dict[str, set[str]]:
+    """{post: {comment ids}} from (post, id) pairs."""
+    out: dict[str, set[str]] = {}
+    for post_id, cid in pairs:
+        out.setdefault(post_id, set()).add(cid)
+    return out
+
+
 # -- delivery -----------------------------------------------------------------------------------
 
 
-async def test_every_subscriber_on_every_instance_gets_every_comment_once(
-    cluster: Cluster, http: aiohttp.ClientSession
+async def test_every_viewer_on_every_instance_gets_every_comment_once_in_stream_order(
+    cluster: Cluster, http: aiohttp.ClientSession, viewers: Any
 ):
     urls = [s.url for s in cluster.redis.start(3)]
     instances = [cluster.start(urls, probe=CALM_PROBE) for _ in range(3)]
     ring = Ring(urls)
     posts = [p for url in urls for p in posts_on(ring, url, 2, "c")]  # two on each server
-    await async_wait_until(lambda: _all_ok(http, instances), DEADLINE, "bridges connected")
+    await wait_for(lambda: _all_ok(http, instances), DEADLINE, "brokers connected")
     for server in instances:
-        status = await bridge_status(http, server)
+        status = await broker_status(http, server)
         assert [n["connected"] for n in status["nodes"]] == [True, True, True]
     # Per instance: one socket on every post, one on half of them.
-    watchers = []
+    watching: list[Viewer] = []
     for server in instances:
-        watchers.append((await Watcher.open(http, server, posts), set(posts)))
-        watchers.append((await Watcher.open(http, server, posts[::2]), set(posts[::2])))
+        watching.append(await viewers(server, posts))
+        watching.append(await viewers(server, posts[::2]))
 
-    pairs = [(server, p) for server in instances for p in posts for _ in range(2)]
+    pairs = [(server, p) for server in instances for p in posts for _ in range(3)]
     sent = await asyncio.gather(
         *(post(http, server, p, f"{server.name} on {p}") for server, p in pairs)
     )
-    # Then a fence per instance and post: a duplicate from a retried publish would precede it.
-    fence_pairs = [(server, p) for server in instances for p in posts]
-    fences = await asyncio.gather(*(post(http, server, p, "fence") for server, p in fence_pairs))
-    ids_of = [(cid, p) for cid, (_, p) in zip(sent, pairs, strict=True)]
-    ids_of += [(cid, p) for cid, (_, p) in zip(fences, fence_pairs, strict=True)]
-    for watcher, watched in watchers:
-        expected = {cid for cid, p in ids_of if p in watched}
-        await watcher.wait(lambda w=watcher, e=expected: set(w.comment_ids()) >= e, "all comments")
-        counts = Counter(watcher.comment_ids())
-        assert set(counts) == expected
-        assert max(counts.values()) == 1, [c for c, n in counts.items() if n > 1]
-        assert watcher.of("resync") == []
-    for watcher, _ in watchers:
-        await watcher.close()
+    expected = ids_by_post([(p, cid) for (_, p), cid in zip(pairs, sent, strict=True)])
+    await settle(watching, expected, DEADLINE)
+    for post_id in posts:
+        # Every comment under its own offset, the stream's last one at the end of it.
+        lasts = {v.position(post_id) for v in watching if post_id in v.post_ids}
+        assert len(lasts) == 1, lasts
+        (last,) = lasts
+        assert last is not None and last[1] == len(expected[post_id])
+    for viewer in watching:
+        check_clean(viewer)
+        check_undisturbed(viewer, viewer.post_ids)
+        for post_id in viewer.post_ids:
+            # Every comment came live with its offset (the first reload found none yet).
+            assert {cid for _, _, cid in viewer.applied(post_id)} == expected[post_id]
+    for post_id in posts:
+        # One order: every viewer of a post applied the same (epoch, offset, id) sequence.
+        orders = {tuple(v.applied(post_id)) for v in watching if post_id in v.post_ids}
+        assert len(orders) == 1, post_id
 
 
 # -- ring change --------------------------------------------------------------------------------
@@ -198,156 +218,218 @@ def _config(urls: list[str]) -> str:
     return f"[redis]\nurls = [{listed}]\nprobe_interval = {CALM_PROBE}\ntimeout = 1.0\n"
 
 
-async def test_a_sighup_ring_change_moves_posts_resyncs_them_and_keeps_delivering(
-    cluster: Cluster, http: aiohttp.ClientSession
+async def _connected_nodes(server: ServerProcess, http: aiohttp.ClientSession) -> bool:
+    status = await broker_status(http, server)
+    return len(status["nodes"]) == 3 and all(n["connected"] for n in status["nodes"])
+
+
+async def test_a_sighup_ring_change_resets_the_moved_posts_once_and_keeps_delivering(
+    cluster: Cluster, http: aiohttp.ClientSession, viewers: Any
 ):
     servers = cluster.redis.start(3)
     urls = [s.url for s in servers]
     instances = [cluster.start(config=_config(urls[:2])) for _ in range(3)]
-    await async_wait_until(lambda: _all_ok(http, instances), DEADLINE, "bridges connected")
+    await wait_for(lambda: _all_ok(http, instances), DEADLINE, "brokers connected")
     posts = [f"h{i}" for i in range(24)]
     before, after = Ring(urls[:2]), Ring(urls)
     moved = {p for p in posts if before.node_for(p) != after.node_for(p)}
     assert 2 <= len(moved) <= 16
-    watchers = [await Watcher.open(http, server, posts) for server in instances]
+    watching = [await viewers(server, posts) for server in instances]
+    first = await asyncio.gather(*(post(http, instances[0], p, "before") for p in posts))
+    await settle(watching, ids_by_post(list(zip(posts, first, strict=True))), DEADLINE)
+    await wait_for(  # appended, not only shown by a reload from the queue
+        lambda: all(v.applied(p) for v in watching for p in posts), DEADLINE, "offset 1 applied"
+    )
 
     for server in instances:
         assert server.config_path is not None
         server.config_path.write_text(_config(urls))
         server.signal(1)  # SIGHUP
     for server in instances:
-        await async_wait_until(
+        await wait_for(
             lambda s=server: _connected_nodes(s, http), DEADLINE, f"{server.name} on 3 servers"
         )
-    for watcher in watchers:
-        await watcher.wait(lambda w=watcher: w.resynced() == moved, "resync of moved posts")
-        assert not watcher.ws.closed  # sockets stay connected through a ring change
+    for viewer in watching:
+        await wait_for(
+            lambda v=viewer: {e.post_id for e in v.entries("reset")} == moved,
+            DEADLINE,
+            f"{viewer.name}: a reset of the moved posts",
+        )
     channels = [f"livecomments:post:{p}" for p in sorted(moved)]
-    await async_wait_until(
+    await wait_for(
         lambda: set(servers[2].numsub(channels).values()) == {3}, DEADLINE, "moved posts on r2"
     )
 
-    ids = await asyncio.gather(
-        *(post(http, server, p, "after the change") for server in instances for p in posts)
+    later = [(p, server) for server in instances for p in posts]
+    ids = await asyncio.gather(*(post(http, server, p, "after") for p, server in later))
+    expected = ids_by_post(
+        list(zip(posts, first, strict=True))
+        + [(p, cid) for (p, _), cid in zip(later, ids, strict=True)]
     )
-    for watcher in watchers:
-        await watcher.wait(lambda w=watcher: set(w.comment_ids()) >= set(ids), "every comment")
-        assert sorted(watcher.comment_ids()) == sorted(ids)
-    for watcher in watchers:
-        await watcher.close()
-
-
-async def _connected_nodes(server: ServerProcess, http: aiohttp.ClientSession) -> bool:
-    status = await bridge_status(http, server)
-    return len(status["nodes"]) == 3 and all(n["connected"] for n in status["nodes"])
+    await settle(watching, expected, DEADLINE)
+    for viewer in watching:
+        check_clean(viewer)
+        # The sockets stayed open; the moved posts reloaded once, from a new epoch, then went on.
+        assert len(viewer.connections) == 1
+        check_undisturbed(viewer, sorted(set(posts) - moved))
+        for post_id in moved:
+            (reset,) = viewer.entries("reset", post_id)
+            (answer,) = viewer.entries("subscribed", post_id)
+            assert reset.epoch != answer.epoch and reset.offset == 0
+            assert viewer.gaps(post_id) == []
+            after_reset = [(e, o) for e, o, _ in viewer.applied(post_id) if e == reset.epoch]
+            assert after_reset == [(reset.epoch, o) for o in range(1, 4)]
+    for post_id in posts:
+        orders = {tuple(v.applied(post_id)) for v in watching}
+        assert len(orders) == 1, post_id
 
 
 # -- faults -------------------------------------------------------------------------------------
 
 
 @pytest.mark.fault
-async def test_a_killed_redis_server_costs_only_its_own_posts_a_resync(
-    cluster: Cluster, http: aiohttp.ClientSession
+async def test_a_killed_redis_server_costs_only_its_own_posts_a_reset(
+    cluster: Cluster, http: aiohttp.ClientSession, viewers: Any
 ):
     redis = cluster.redis.start(2)
     urls = [s.url for s in redis]
     sender, receiver = cluster.start(urls), cluster.start(urls)
-    await async_wait_until(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "connected")
+    await wait_for(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "connected")
     ring = Ring(urls)
     alive, dead = posts_on(ring, urls[0], 2, "k"), posts_on(ring, urls[1], 2, "k")
-    remote = await Watcher.open(http, receiver, alive + dead)
-    local = await Watcher.open(http, sender, dead)
+    remote = await viewers(receiver, alive + dead)
+    local = await viewers(sender, dead)
+    sent = [(p, await post(http, sender, p, "before")) for p in alive + dead]
+    await settle([remote, local], ids_by_post(sent), DEADLINE)
 
     redis[1].kill()
-    await async_wait_until(
+    await wait_for(
         lambda: _state_of(http, receiver, urls[1], "connected", False), DEADLINE, "node down"
     )
-    sent = []
     for i in range(20):
-        sent.append(await post(http, sender, alive[i % 2], f"during {i}"))
-    local_ids = [await post(http, sender, dead[0], "local only")]
-    await remote.wait(lambda: set(remote.comment_ids()) >= set(sent), "the live node's posts")
-    await local.wait(lambda: set(local.comment_ids()) >= set(local_ids), "local delivery")
-    assert remote.resynced() == set()
-    assert (await bridge_status(http, receiver))["status"] == "degraded"
-    # A newcomer to a post on the dead server is accepted and served what its instance takes.
+        sent.append((alive[i % 2], await post(http, sender, alive[i % 2], f"during {i}")))
+    # The dead shard's post: taken, and shown at once (offset null) to the sender's viewers.
+    local_only = await post(http, sender, dead[0], "local only")
+    await settle([remote], ids_by_post([s for s in sent if s[0] in alive]), DEADLINE)
+    await wait_for(lambda: local_only in local.shown(dead[0]), DEADLINE, "shown locally")
+    assert local.entries("unpositioned", dead[0])[0].id == local_only
+    assert (await broker_status(http, receiver))["status"] == "degraded"
+    # A newcomer to a post on the dead server: subscribed without a position, and shown what
+    # its own instance takes.
     late_post = posts_on(ring, urls[1], 3, "k")[2]
-    late = await Watcher.open(http, receiver, [late_post])
-    late_ids = [await post(http, receiver, late_post, "local while down")]
-    await late.wait(lambda: set(late.comment_ids()) >= set(late_ids), "local delivery, late")
+    late = Viewer(http, [receiver.url], [late_post], rng=random.Random(1), name="late")
+    async with late:
+        await wait_for(lambda: late.entries("subscribed"), DEADLINE, "the newcomer answered")
+        assert late.entries("subscribed")[0].detail == "no_position"
+        late_id = await post(http, receiver, late_post, "local while down")
+        await wait_for(lambda: late_id in late.shown(late_post), DEADLINE, "shown to the newcomer")
 
-    _restart(redis[1])
-    await remote.wait(lambda: remote.resynced() == set(dead), "resync of the dead node's posts")
-    await local.wait(lambda: local.resynced() == set(dead), "resync on the sending instance too")
-    await async_wait_until(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "both back")
-    back = await post(http, sender, dead[1], "back")
-    await remote.wait(lambda: back in remote.comment_ids(), "delivery after the restart")
-    await late.wait(lambda: late.resynced() == {late_post}, "resync of the newcomer's post")
-    late_back = await post(http, sender, late_post, "from the other instance")
-    await late.wait(lambda: late_back in late.comment_ids(), "remote delivery to the newcomer")
-    await late.close()
-    assert sorted(Counter(remote.comment_ids()).values())[-1] == 1
-    await remote.close()
-    await local.close()
-
-
-def _restart(server: RedisServer) -> None:
-    server.start()  # same port, empty: every subscription is gone
-
-
-async def _state_of(
-    http: aiohttp.ClientSession, server: ServerProcess, url: str, key: str, value: Any
-) -> bool:
-    status = await bridge_status(http, server)
-    name = url  # node names are URLs without passwords; ours have none
-    return any(n["url"] == name and n[key] == value for n in status["nodes"])
-
-
-async def _all_ok(http: aiohttp.ClientSession, servers: list[ServerProcess]) -> bool:
-    statuses = [(await bridge_status(http, s))["status"] for s in servers]
-    return statuses == ["ok"] * len(servers)
+        redis[1].start()  # same port, empty: a new epoch for every post it carries
+        for viewer, posts in ((remote, dead), (local, dead), (late, [late_post])):
+            await wait_for(
+                lambda v=viewer, p=posts: {e.post_id for e in v.entries("reset")} == set(p),
+                DEADLINE,
+                f"{viewer.name}: a reset of the dead server's posts",
+            )
+        await wait_for(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "both back")
+        sent.append((dead[1], await post(http, sender, dead[1], "back")))
+        sent.append((late_post, await post(http, sender, late_post, "from the other instance")))
+        sent += [(dead[0], local_only), (late_post, late_id)]
+        # Everything, the comments taken while the shard was down included, reaches everyone.
+        await settle([remote, local, late], ids_by_post(sent), DEADLINE)
+        check_clean(late)
+    check_undisturbed(remote, alive)
+    for viewer in (remote, local):
+        check_clean(viewer)
+        assert len(viewer.connections) == 1
 
 
 @pytest.mark.fault
-async def test_killed_and_deaf_pubsub_connections_are_replaced_with_a_resync(
-    cluster: Cluster, http: aiohttp.ClientSession
+async def test_killed_and_deaf_pubsub_connections_are_repaired_without_a_reset(
+    cluster: Cluster, http: aiohttp.ClientSession, viewers: Any
 ):
+    """The receiver reaches Redis through a proxy. Each fault is arranged so that comments are
+    surely published while its Pub/Sub connection cannot hear them; its hub must fill the gap
+    from the history: its viewers see consecutive offsets, with no reset and no reload."""
     (redis,) = cluster.redis.start(1)
-    sender, receiver = cluster.start([redis.url]), cluster.start([redis.url])
-    await async_wait_until(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "connected")
-    watcher = await Watcher.open(http, receiver, ["d1", "d2"])
-
-    # 1. Redis drops every Pub/Sub client: the connection ends, the bridge reconnects.
-    killed = time.monotonic()
-    redis.command("CLIENT", "KILL", "TYPE", "pubsub")
-    await watcher.wait(lambda: watcher.resynced() == {"d1", "d2"}, "resync", timeout=PROBE + 2)
-    assert time.monotonic() - killed < PROBE + 2
-    first = await post(http, sender, "d1", "after the kill")
-    await watcher.wait(lambda: first in watcher.comment_ids(), "delivery after the kill")
-
-    # 2. The server stops answering but every connection stays open: only the probe sees it.
-    resyncs = len(watcher.of("resync"))
-    paused = time.monotonic()
-    redis.pause()
+    proxy = await DeafeningProxy(redis.port).start()
     try:
-        await async_wait_until(
-            lambda: _state_of(http, receiver, redis.url, "connected", False),
-            PROBE + 2,
-            "the stall found by the probe",
+        sender, receiver = cluster.start([redis.url]), cluster.start([proxy.url])
+        await wait_for(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "connected")
+        posts = ["d1", "d2"]
+        watcher = await viewers(receiver, posts)
+        witness = await viewers(sender, posts)
+        sent: list[tuple[str, str]] = []
+
+        async def publish_unheard(label: str) -> None:
+            """Comments the receiver cannot hear now: appended (the sender's viewer has them
+            with offsets), not seen by the receiver's."""
+            new = [
+                (p, await post(http, sender, p, f"{label} {i}")) for i in range(3) for p in posts
+            ]
+            sent.extend(new)
+            await settle([witness], ids_by_post(sent), DEADLINE)
+            assert not any(cid in watcher.shown(p) for p, cid in new), label
+
+        sent += [(p, await post(http, sender, p, "before")) for p in posts]
+        await settle([watcher, witness], ids_by_post(sent), DEADLINE)
+
+        # 1. Redis drops every Pub/Sub client; the receiver cannot reconnect until admitted.
+        proxy.refuse()
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_for(
+            lambda: _state_of(http, receiver, proxy.url, "connected", False), DEADLINE, "dropped"
         )
-        # Stay stopped a while longer: reconnecting to a server that accepts TCP (the kernel
-        # does) but never answers must time out and back off, not hang.
-        await async_wait_until(
-            lambda: time.monotonic() - paused > 3 * PROBE, DEADLINE, "a stall of 3 probes"
+        await publish_unheard("while killed")
+        proxy.admit()
+        await settle([watcher], ids_by_post(sent), DEADLINE)
+
+        # 2. The connection stays open but hears nothing: only the probe finds it.
+        deafened = time.monotonic()
+        proxy.refuse()
+        proxy.deafen()
+        await publish_unheard("while deaf")
+        await wait_for(
+            lambda: _state_of(http, receiver, proxy.url, "connected", False),
+            DEADLINE,
+            "the deaf connection found by the probe",
         )
-        assert not await _state_of(http, receiver, redis.url, "connected", True)
+        assert time.monotonic() - deafened < PROBE + 3.0
+        proxy.admit()
+        await settle([watcher], ids_by_post(sent), DEADLINE)
+
+        # 3. The server stops answering but every connection stays open: the probe sees it,
+        #    the appends time out (their comments wait in the outbox), nothing is lost.
+        paused = time.monotonic()
+        redis.pause()
+        try:
+            await wait_for(
+                lambda: _state_of(http, receiver, proxy.url, "connected", False),
+                PROBE + 2,
+                "the stall found by the probe",
+            )
+            stalled = [(p, await post(http, sender, p, "while stopped")) for p in posts]
+            sent.extend(stalled)
+            # Stay stopped a while longer: reconnecting to a server that accepts TCP (the
+            # kernel does) but never answers must time out and back off, not hang.
+            await wait_for(
+                lambda: time.monotonic() - paused > 3 * PROBE, DEADLINE, "a stall of 3 probes"
+            )
+            assert not await _state_of(http, receiver, proxy.url, "connected", True)
+            assert not any(cid in watcher.shown(p) for p, cid in stalled)
+        finally:
+            redis.resume()
+        await settle([watcher, witness], ids_by_post(sent), DEADLINE)
+        await wait_for(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "both back")
+        status = await broker_status(http, receiver)
+        assert status["nodes"][0]["reconnects"] == 3
+
+        sent += [(p, await post(http, sender, p, "after")) for p in posts]
+        await settle([watcher, witness], ids_by_post(sent), DEADLINE)
+        check_clean(watcher)
+        check_undisturbed(watcher, posts)
+        assert proxy.refused > 0  # the receiver did try to come back while refused
+        for post_id in posts:
+            assert watcher.applied(post_id) == witness.applied(post_id)
     finally:
-        redis.resume()
-    await watcher.wait(lambda: len(watcher.of("resync")) == resyncs + 2, "resync after SIGCONT")
-    await async_wait_until(lambda: _all_ok(http, [sender, receiver]), DEADLINE, "both back")
-    status = await bridge_status(http, receiver)
-    assert status["nodes"][0]["reconnects"] == 2
-    second = await post(http, sender, "d2", "after the stall")
-    await watcher.wait(lambda: second in watcher.comment_ids(), "delivery after the stall")
-    assert max(Counter(watcher.comment_ids()).values()) == 1
-    await watcher.close()
+        await proxy.close()

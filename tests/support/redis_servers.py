@@ -9,7 +9,9 @@ synchronous client, for PUBSUB NUMSUB, CLIENT KILL and friends.
 `DeafeningProxy` forwards TCP to a server; `deafen()` stops forwarding the server's bytes to the
 Pub/Sub connections (those that sent SUBSCRIBE) while keeping them open: the failure that
 health checks miss. `hold_replies()`/`release_replies()` gate everything the server sends to
-those connections, for deterministic races, and `reply_delay` slows it down.
+those connections, for deterministic races, and `reply_delay` slows it down. `refuse()`/`admit()`
+close every new connection at once (the open ones go on): a client that lost its connection
+cannot come back until the test says so, so whatever is published meanwhile is surely missed.
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ class DeafeningProxy:
         # Redis yet, released in order.
         self.requests_open = asyncio.Event()
         self.requests_open.set()
+        self.refusing = False
+        self.refused = 0  # connections closed at once while refusing
         # Seconds each chunk the server sends a Pub/Sub connection is held before it is passed
         # on: slow confirmations, for the interleavings that need a reply late but not lost.
         self.reply_delay = 0.0
@@ -217,6 +221,13 @@ class DeafeningProxy:
     def release_replies(self) -> None:
         self.replies_open.set()
 
+    def refuse(self) -> None:
+        """Close new connections as soon as they are accepted (the open ones are untouched)."""
+        self.refusing = True
+
+    def admit(self) -> None:
+        self.refusing = False
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -229,6 +240,12 @@ class DeafeningProxy:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            self.refused += 1
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers.update((writer, up_writer))
         state = {"pubsub": False, "deaf": False}
