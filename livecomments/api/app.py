@@ -78,6 +78,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app.router.add_post("/v1/comments", rest.post_comment_json)
     app.router.add_post("/v1/comment", rest.post_comment_form)
     app.router.add_get("/v1/comments", rest.list_comments)
+    app.router.add_delete("/v1/comments/{id}", rest.delete_comment)
     app.router.add_get("/v1/ws", ws.websocket)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)

@@ -14,6 +14,7 @@ returned, and on every instance as soon as any viewer was sent it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -36,10 +37,16 @@ from livecomments.api.errors import (
 )
 from livecomments.api.keys import IDS, LEASE, LOG, RECENT, SETTINGS
 from livecomments.config import Settings
-from livecomments.model.comment import check_key, draft_from
+from livecomments.model.comment import Comment, check_key, draft_from
+from livecomments.model.deletion import Deletion
 from livecomments.model.ids import MAX_SNOWFLAKE, wall_clock_ms
 from livecomments.storage.base import PageQuery, StoreUnavailable
 from livecomments.storage.queue import QueueFull, QueueWriteFailed
+
+# How long DELETE looks for a comment it cannot find yet: one acknowledged by another instance
+# a moment ago reaches the stream within milliseconds, the database within a flush.
+FIND_WAIT = 1.0
+FIND_POLL = 0.05
 
 
 async def post_comment_json(request: web.Request) -> web.Response:
@@ -142,6 +149,64 @@ def _refusal(e: Exception) -> ApiError:
         f"the comment could not be made durable: {e}",
         retry_after(RETRY_AFTER_QUEUE_UNAVAILABLE),
     )
+
+
+async def delete_comment(request: web.Request) -> web.Response:
+    """`DELETE /v1/comments/{id}?post_id=P`: take a comment down, everywhere at once.
+
+    The deletion is made durable like a comment (storage/log.py), then stored as a tombstone and
+    appended to the post's stream: every viewer gets `delete` in stream order, and GET on every
+    instance stops listing it. Deleting twice is not an error."""
+    app = request.app
+    limits = app[SETTINGS].limits
+    post_id = check_key("post_id", request.query.get("post_id"), limits.id_max_chars)
+    assert post_id is not None
+    comment_id = _parse_int("id", request.match_info["id"], 1, MAX_SNOWFLAKE)
+    try:
+        found = await _find_soon(app, post_id, comment_id)
+    except StoreUnavailable as e:
+        raise ApiError(
+            503,
+            "store_unavailable",
+            f"the comment database is not answering: {e}",
+            retry_after(RETRY_AFTER_STORE_UNAVAILABLE),
+        ) from e
+    if found is None:
+        raise ApiError(404, "not_found", f"post {post_id} has no comment {comment_id}")
+    comment, deleted = found
+    by = may_delete(request, comment)
+    body = {"deleted": {"id": str(comment_id), "post_id": post_id}}
+    if deleted:
+        return json_response(body)
+    _check_instance_id(app)
+    deletion = Deletion(app[IDS].next_id(), post_id, comment_id, wall_clock_ms(), by)
+    try:
+        await app[LOG].accept(deletion)
+    except (QueueFull, QueueWriteFailed) as e:
+        raise _refusal(e) from e
+    return json_response(body)
+
+
+async def _find_soon(
+    app: web.Application, post_id: str, comment_id: int
+) -> tuple[Comment, bool] | None:
+    """Find the comment, waiting up to FIND_WAIT for one just acknowledged by another instance:
+    it is in that instance's queue until it reaches the stream (milliseconds) or the database."""
+    deadline = asyncio.get_running_loop().time() + FIND_WAIT
+    while True:
+        found = await app[LOG].find(post_id, comment_id)
+        if found is not None or asyncio.get_running_loop().time() >= deadline:
+            return found
+        await asyncio.sleep(FIND_POLL)
+
+
+def may_delete(request: web.Request, comment: Comment) -> str:
+    """Who deletes (for the tombstone), or 403. Open mode trusts the `uid` the client names,
+    as it does for posting: only the comment's own author may delete it."""
+    uid = request.query.get("uid")
+    if uid is None or uid != comment.uid:
+        raise ApiError(403, "forbidden", "only the comment's author may delete it")
+    return uid
 
 
 async def list_comments(request: web.Request) -> web.Response:

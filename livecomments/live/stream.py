@@ -12,12 +12,14 @@ history it is sent and the live stream it joins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import orjson
+
 from livecomments.live import events
-from livecomments.live.broker import Position, Publication
 from livecomments.live.conn import text_frame
+from livecomments.model.stream import COMMENT, DELETE, Position, Publication
 
 # Publications held for a stream that is filling a gap, and frames for one joiner, before they
 # are given up on (the history has them: the stream refills, the joiner reloads).
@@ -136,4 +138,24 @@ def _recovery(
     offsets = [p.offset for p in replay] + [offset for offset, _ in held]
     if offsets != list(range(joiner.since.offset + 1, position.offset + 1)):
         return None
-    return [text_frame(event) for event in events.replay(replay)] + [frame for _, frame in held]
+    return [text_frame(event) for event in events.replay(_taken_down(replay))] + [
+        frame for _, frame in held
+    ]
+
+
+def _taken_down(publications: list[Publication]) -> list[Publication]:
+    """A replay never shows a comment that a later publication of the same replay deletes: it
+    keeps the comment's offset, as a deletion (the client shows nothing, and counts it)."""
+    deleted = {p.body for p in publications if p.kind == DELETE}
+    if not deleted:
+        return publications
+    return [
+        replace(p, kind=DELETE, body=_id_of(p.body))
+        if p.kind == COMMENT and _id_of(p.body) in deleted
+        else p
+        for p in publications
+    ]
+
+
+def _id_of(comment_json: bytes) -> bytes:
+    return str(orjson.loads(comment_json)["id"]).encode()

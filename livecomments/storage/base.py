@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.model.stream import Entry, Position
 
 
@@ -52,6 +53,17 @@ class CommentStore(Protocol):
 
         Returns the comments whose id was already stored with other content (an id collision:
         two instances minted one id); a replay of the same comment is not one."""
+
+    async def delete_many(self, deletions: list[Deletion]) -> None:
+        """Record these deletions (tombstones), in one transaction, idempotently. A tombstone
+        may come before its comment (another instance has not flushed it yet): the comment is
+        then stored but never listed."""
+
+    async def get(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
+        """The comment and whether it is deleted; None if the database does not have it."""
+
+    async def deleted_among(self, post_id: str, ids: list[int]) -> set[int]:
+        """Which of these comment ids of the post have a tombstone."""
 
     async def page(self, query: PageQuery) -> list[Comment]:
         """Up to `query.limit + 1` comments of the page's window, ascending by id.
@@ -122,7 +134,10 @@ def page_sql(
 
     `param(n)` spells the n-th placeholder in the backend's dialect (`?` or `$n`).
     Ascending for `after`, descending otherwise: the caller reverses those."""
-    select = f"SELECT {columns} FROM comments WHERE post_id = {param(1)}"
+    select = (
+        f"SELECT {columns} FROM comments c WHERE post_id = {param(1)} AND NOT EXISTS "
+        "(SELECT 1 FROM deletions d WHERE d.post_id = c.post_id AND d.id = c.id)"
+    )
     n = query.limit + 1
     if query.after is not None:
         sql = f"{select} AND id > {param(2)} ORDER BY id ASC LIMIT {param(3)}"

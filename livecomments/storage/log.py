@@ -25,6 +25,7 @@ from livecomments import metrics
 from livecomments.backoff import Backoff
 from livecomments.config import Settings
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion, is_deletion
 from livecomments.storage import open_store
 from livecomments.storage.base import (
     LeaseStore,
@@ -94,7 +95,7 @@ class DurableLog:
                 return
             await asyncio.sleep(backoff.next())
 
-    async def accept(self, comment: Comment) -> bytes:
+    async def accept(self, comment: Comment | Deletion) -> bytes:
         """Durable on return: fsync'd in the queue. Returns the comment's JSON (encoded once,
         reused for the live event). Raises QueueFull / QueueWriteFailed."""
         return await self.queue.enqueue(comment)
@@ -116,9 +117,44 @@ class DurableLog:
             raise StoreUnavailable(str(e)) from e
         # Each source holds its own window of limit+1; the page's window lies in their union.
         merged = {c.id: c for c in recent}
-        merged.update((c.id, c) for c in stored)
         merged.update((c.id, c) for c in queued)
-        return window(sorted(merged.values(), key=lambda c: c.id), query)
+        # What the database lists has no tombstone; what it does not list (another instance's
+        # history, our queue) may have one: a deletion flushed before its comment.
+        unlisted = [i for i in merged if i not in {c.id for c in stored}]
+        gone = set(self.queue.rows.deleting(query.post_id))
+        if unlisted:
+            try:
+                gone |= await self.store.deleted_among(query.post_id, unlisted)
+            except Exception as e:
+                raise StoreUnavailable(str(e)) from e
+        merged.update((c.id, c) for c in stored)
+        kept = [c for i, c in merged.items() if i not in gone]
+        return window(sorted(kept, key=lambda c: c.id), query)
+
+    async def find(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
+        """A comment of the post wherever it is now (this queue, the database, the stream's
+        history), and whether it is deleted; None if it is nowhere. StoreUnavailable if the
+        database cannot say."""
+        deleted_here = comment_id in self.queue.rows.deleting(post_id)
+        payload = self.queue.rows.payload(comment_id)
+        if payload is not None and not is_deletion(payload):
+            comment = Comment.decode(payload)
+            if comment.post_id == post_id:
+                stored = await self._get(post_id, comment_id)
+                return comment, deleted_here or (stored is not None and stored[1])
+        found = await self._get(post_id, comment_id)
+        if found is not None:
+            return found[0], found[1] or deleted_here
+        recent = await self._recent(PageQuery(post_id, 1, before=comment_id + 1))
+        if recent and recent[-1].id == comment_id:
+            return recent[-1], deleted_here
+        return None
+
+    async def _get(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
+        try:
+            return await self.store.get(post_id, comment_id)
+        except Exception as e:
+            raise StoreUnavailable(str(e)) from e
 
     async def _recent(self, query: PageQuery) -> list[Comment]:
         """The stream history's part of a page. If the post's shard does not answer, the page
@@ -153,8 +189,13 @@ class DurableLog:
         while True:
             await self.queue.rows.has_unstored.wait()
             batch = self.queue.rows.unstored(self._flush_batch)
+            comments = [r for r in batch if isinstance(r, Comment)]
+            deletions = [r for r in batch if isinstance(r, Deletion)]
             try:
-                collisions = await self.store.insert_many(batch)
+                # Comments first: a deletion in this batch may take down one of them.
+                collisions = await self.store.insert_many(comments) if comments else []
+                if deletions:
+                    await self.store.delete_many(deletions)
             except Exception as e:  # CancelledError is not an Exception: it still stops us
                 self.flush_errors += 1
                 metrics.FLUSH_ERRORS.inc()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion, is_deletion
 
 Row = tuple[int, str, bytes]  # (comment id, post id, the comment's encoded bytes)
 
@@ -33,6 +34,10 @@ class PendingRows:
         # epoch end (its shard restarted empty) before the database has the comment, it is
         # appended again: nobody could otherwise find it (storage/log.py, verify_appended).
         self.appended_unstored: dict[int, tuple[str, str]] = {}
+        # Queued deletions: post -> the comment ids they delete, and each deletion's own id ->
+        # (post, target), so that a page never lists what a queued deletion took down.
+        self._deleting: dict[str, set[int]] = {}
+        self._deletions: dict[int, tuple[str, int]] = {}
         self.bytes = 0
         self.has_unstored = asyncio.Event()
         self.has_unappended = asyncio.Event()
@@ -47,11 +52,16 @@ class PendingRows:
         if stored and epoch is not None:
             return False
         self._payloads[comment_id] = payload
-        ids = self._by_post.setdefault(post_id, [])
-        if not ids or ids[-1] < comment_id:
-            ids.append(comment_id)
+        if is_deletion(payload):
+            target = Deletion.decode(payload).target
+            self._deleting.setdefault(post_id, set()).add(target)
+            self._deletions[comment_id] = (post_id, target)
         else:
-            bisect.insort(ids, comment_id)
+            ids = self._by_post.setdefault(post_id, [])
+            if not ids or ids[-1] < comment_id:
+                ids.append(comment_id)
+            else:
+                bisect.insort(ids, comment_id)
         self.bytes += len(payload)
         if not stored:
             self._unstored[comment_id] = None
@@ -67,10 +77,11 @@ class PendingRows:
 
     # -- what is owed --------------------------------------------------------------------------
 
-    def unstored(self, limit: int) -> list[Comment]:
-        """Up to `limit` comments the database does not have yet, oldest first."""
+    def unstored(self, limit: int) -> list[Comment | Deletion]:
+        """Up to `limit` comments (and deletions) the database does not have yet, oldest
+        first."""
         ids = itertools.islice(self._unstored, limit)
-        return [Comment.decode(self._payloads[i]) for i in ids]
+        return [_decode(self._payloads[i]) for i in ids]
 
     def unappended(self, limit: int, skip: Iterable[int] = ()) -> list[Row]:
         """Up to `limit` comments not appended to their stream yet, oldest first."""
@@ -135,6 +146,13 @@ class PendingRows:
         gone_by_post: dict[str, set[int]] = {}
         for comment_id, post_id in rows:
             self.bytes -= len(self._payloads.pop(comment_id))
+            deletion = self._deletions.pop(comment_id, None)
+            if deletion is not None:
+                targets = self._deleting[deletion[0]]
+                targets.discard(deletion[1])
+                if not targets:
+                    del self._deleting[deletion[0]]
+                continue
             gone_by_post.setdefault(post_id, set()).add(comment_id)
         for post_id, gone in gone_by_post.items():
             self._forget_ids(post_id, gone)
@@ -161,6 +179,9 @@ class PendingRows:
         (a hot post's backlog can be long; only what is returned is decoded). `after`: the
         oldest n newer than it; otherwise the newest n (older than `before`, if given)."""
         ids = self._by_post.get(post_id, [])
+        deleted = self._deleting.get(post_id, set())
+        if deleted:
+            ids = [i for i in ids if i not in deleted]
         if after is not None:
             start = bisect.bisect_right(ids, after)
             window = ids[start : start + n]
@@ -168,6 +189,10 @@ class PendingRows:
             end = len(ids) if before is None else bisect.bisect_left(ids, before)
             window = ids[max(0, end - n) : end]
         return [Comment.decode(self._payloads[i]) for i in window]
+
+    def deleting(self, post_id: str) -> set[int]:
+        """The comment ids of the post that a queued deletion takes down."""
+        return self._deleting.get(post_id, set())
 
     def payload(self, comment_id: int) -> bytes | None:
         return self._payloads.get(comment_id)
@@ -185,4 +210,10 @@ class PendingRows:
         first = next(iter(self._payloads.values()), None)
         if first is None:
             return 0.0
-        return max(0.0, time.time() - Comment.decode(first).created_at / 1000)
+        record = _decode(first)
+        created = record.deleted_at if isinstance(record, Deletion) else record.created_at
+        return max(0.0, time.time() - created / 1000)
+
+
+def _decode(payload: bytes) -> Comment | Deletion:
+    return Deletion.decode(payload) if is_deletion(payload) else Comment.decode(payload)

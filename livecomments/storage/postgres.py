@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.storage.base import COLUMNS, PageQuery, different_from_stored, page_sql
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,15 @@ MIGRATIONS: list[str] = [
         expires_at bigint NOT NULL
     );
     """,
+    """
+    CREATE TABLE IF NOT EXISTS deletions (
+        post_id text NOT NULL,
+        id bigint NOT NULL,
+        deleted_at bigint NOT NULL,
+        deleted_by text NOT NULL,
+        CONSTRAINT deletions_pkey PRIMARY KEY (post_id, id)
+    );
+    """,
 ]
 
 # The database's clock in Unix ms: every instance sharing the database reads the same one.
@@ -106,6 +116,17 @@ INSERT_SQL = f"""
     )
     ON CONFLICT (post_id, id) DO NOTHING
     RETURNING id
+"""
+DELETE_SQL = """
+    INSERT INTO deletions (post_id, id, deleted_at, deleted_by)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])
+    ON CONFLICT (post_id, id) DO NOTHING
+"""
+GET_SQL = f"""
+    SELECT {COLUMNS}, EXISTS (
+        SELECT 1 FROM deletions d WHERE d.post_id = c.post_id AND d.id = c.id
+    )
+    FROM comments c WHERE post_id = $1 AND id = $2
 """
 STORED_SQL = f"""
     SELECT {COLUMNS} FROM comments
@@ -185,6 +206,28 @@ class PostgresStore:
         keys = ([c.post_id for c in comments], [c.id for c in comments])
         stored: list[Any] = await self._run(lambda con: con.fetch(STORED_SQL, *keys))
         return different_from_stored(comments, [Comment(*row) for row in stored])
+
+    async def delete_many(self, deletions: list[Deletion]) -> None:
+        if not deletions:
+            return
+        columns = (
+            [d.post_id for d in deletions],
+            [d.target for d in deletions],
+            [d.deleted_at for d in deletions],
+            [d.by for d in deletions],
+        )
+        await self._run(lambda con: con.execute(DELETE_SQL, *columns))
+
+    async def get(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
+        row: Any = await self._run(lambda con: con.fetchrow(GET_SQL, post_id, comment_id))
+        if row is None:
+            return None
+        return Comment(*list(row)[:-1]), bool(row[-1])
+
+    async def deleted_among(self, post_id: str, ids: list[int]) -> set[int]:
+        sql = "SELECT id FROM deletions WHERE post_id = $1 AND id = ANY($2::bigint[])"
+        rows: list[Any] = await self._run(lambda con: con.fetch(sql, post_id, ids))
+        return {int(r[0]) for r in rows}
 
     # -- instance-id leases (lease.LeaseStore), on the database's clock -----------------------
 

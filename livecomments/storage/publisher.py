@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 from livecomments import metrics
 from livecomments.backoff import Backoff
-from livecomments.model.stream import COMMENT, Entry
+from livecomments.model.deletion import Deletion, is_deletion
+from livecomments.model.stream import COMMENT, DELETE, Entry
 from livecomments.storage.base import Streams
 from livecomments.storage.queue import WriteAheadQueue
 
@@ -74,7 +75,7 @@ class StreamPublisher:
                 except TimeoutError:
                     pass
                 continue
-            entries = [Entry(i, post_id, COMMENT, payload) for i, post_id, payload in batch]
+            entries = [_entry(i, post_id, payload) for i, post_id, payload in batch]
             try:
                 positions = await self._streams.append(entries)
             except Exception:  # a bug in a broker must not stop the outbox: park, go on
@@ -97,7 +98,7 @@ class StreamPublisher:
         metrics.OUTBOX_APPEND_FAILURES.inc(len(entries))
         for entry in entries:
             self._parked[entry.comment_id] = until
-            if entry.comment_id not in self._announced:
+            if entry.comment_id not in self._announced and entry.kind == COMMENT:
                 self._announced.add(entry.comment_id)
                 self._on_unappended(entry.post_id, entry.body)
 
@@ -128,3 +129,11 @@ class StreamPublisher:
             "appended": self.appended,
             "append_failures": self.append_failures,
         }
+
+
+def _entry(record_id: int, post_id: str, payload: bytes) -> Entry:
+    """A queued comment or deletion, as its stream takes it (a deletion's body: the deleted
+    comment's id)."""
+    if is_deletion(payload):
+        return Entry(record_id, post_id, DELETE, b"%d" % Deletion.decode(payload).target)
+    return Entry(record_id, post_id, COMMENT, payload)

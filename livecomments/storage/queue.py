@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.storage.pending import PendingRows
 from livecomments.storage.queue_file import QUEUE_FILE, Marks, QueueFile, QueueUnusable
 
@@ -53,9 +54,13 @@ class QueueWriteFailed(Exception):
     """The commit failed (disk full, I/O error); the comment was not accepted."""
 
 
+# What the queue holds: comments, and deletions of comments (model/deletion.py).
+Record = Comment | Deletion
+
+
 @dataclass(slots=True)
 class _Waiter:
-    comment: Comment
+    comment: Record
     payload: bytes
     future: asyncio.Future[None]
 
@@ -135,9 +140,10 @@ class WriteAheadQueue:
 
     # -- the write path ------------------------------------------------------------------------
 
-    async def enqueue(self, comment: Comment) -> bytes:
-        """Return once `comment` is fsync'd, with its encoded form (what was written: callers
-        reuse it instead of encoding again). Raise `QueueFull` or `QueueWriteFailed` if not."""
+    async def enqueue(self, comment: Record) -> bytes:
+        """Return once `comment` (or a deletion) is fsync'd, with its encoded form (what was
+        written: callers reuse it instead of encoding again). Raise `QueueFull` or
+        `QueueWriteFailed` if not."""
         if self._closing:
             raise QueueWriteFailed("the queue is closing")
         if self.write_error is not None:

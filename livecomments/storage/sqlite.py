@@ -16,6 +16,7 @@ from pathlib import Path
 import aiosqlite
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.model.ids import wall_clock_ms
 from livecomments.storage.base import COLUMNS, PageQuery, different_from_stored, page_sql
 from livecomments.urls import sqlite_path
@@ -43,6 +44,15 @@ MIGRATIONS: list[str] = [
         holder TEXT NOT NULL,
         expires_at INTEGER NOT NULL
     );
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS deletions (
+        post_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        deleted_at INTEGER NOT NULL,
+        deleted_by TEXT NOT NULL,
+        PRIMARY KEY (post_id, id)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -121,6 +131,51 @@ class SQLiteStore:
                 await db.execute("ROLLBACK")
                 raise
         return collisions
+
+    async def delete_many(self, deletions: list[Deletion]) -> None:
+        db = self._writer
+        if db is None:
+            raise RuntimeError("store is closed")
+        rows = [(d.post_id, d.target, d.deleted_at, d.by) for d in deletions]
+        async with self._write_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO deletions (post_id, id, deleted_at, deleted_by)"
+                    " VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def get(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
+        db = self._reader
+        if db is None:
+            raise RuntimeError("store is closed")
+        sql = (
+            f"SELECT {COLUMNS}, EXISTS (SELECT 1 FROM deletions d WHERE d.post_id = c.post_id"
+            " AND d.id = c.id) FROM comments c WHERE post_id = ? AND id = ?"
+        )
+        async with db.execute(sql, (post_id, comment_id)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return Comment(*row[:-1]), bool(row[-1])
+
+    async def deleted_among(self, post_id: str, ids: list[int]) -> set[int]:
+        db = self._reader
+        if db is None:
+            raise RuntimeError("store is closed")
+        found: set[int] = set()
+        for i in range(0, len(ids), IN_CHUNK):
+            chunk = ids[i : i + IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT id FROM deletions WHERE post_id = ? AND id IN ({marks})"
+            async with db.execute(sql, (post_id, *chunk)) as cursor:
+                found.update(int(row[0]) for row in await cursor.fetchall())
+        return found
 
     @staticmethod
     async def _stored(db: aiosqlite.Connection, comments: list[Comment]) -> list[Comment]:

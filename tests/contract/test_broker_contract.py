@@ -21,7 +21,7 @@ from livecomments.live.broker import Broker, MemoryBroker
 from livecomments.live.hub import Hub
 from livecomments.live.redis.broker import RedisBroker
 from livecomments.model.comment import Comment
-from livecomments.model.stream import COMMENT, Entry, Position, Publication
+from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
 from tests.support.redis_servers import RedisServers, redis_servers
 from tests.support.wait import wait_for
 
@@ -186,3 +186,41 @@ async def test_every_viewer_on_every_node_sees_every_comment_once_in_one_order(
         assert viewer.messages == viewers[0].messages  # one order for everyone
     for hub in hubs:
         await hub.stop()
+
+
+# -- deletions ---------------------------------------------------------------------------------
+
+
+async def test_a_deletion_takes_its_offset_and_leaves_the_recent_windows_full(
+    brokers: list[Broker],
+):
+    """A deletion is a publication like a comment (one offset, once); a window of `recent`
+    (Redis only: one node's memory broker has nothing another node lacks) never lists the
+    deleted comment and still holds `limit` comments, however many deletions lie between."""
+    recorders = await started(brokers, ["p"])
+    await brokers[0].append([entry(i) for i in range(1, 11)])
+    deletions = [Entry(100 + i, "p", DELETE, b"%d" % i) for i in (2, 4, 5, 6, 9)]
+    positions = await brokers[-1].append(deletions)
+    assert [p.offset for p in positions if p] == [11, 12, 13, 14, 15]
+    again = await brokers[0].append(deletions[:1])  # the outbox repeating itself
+    assert [p.offset for p in again if p] == [11]
+    for recorder in recorders:
+        await wait_for(lambda r=recorder: len(r.offsets("p")) == 15, DEADLINE, "15 offsets")
+        assert recorder.offsets("p") == list(range(1, 16))
+        assert [p.body for p in recorder.publications if p.kind == DELETE] == [
+            b"2",
+            b"4",
+            b"5",
+            b"6",
+            b"9",
+        ]
+    if isinstance(brokers[0], MemoryBroker):
+        return
+
+    def ids(bodies: list[bytes]) -> list[int]:
+        return sorted(Comment.decode(b).id for b in bodies)
+
+    assert ids(await brokers[1].recent("p", None, None, 3)) == [7, 8, 10]
+    assert ids(await brokers[1].recent("p", None, 8, 3)) == [1, 3, 7]
+    assert ids(await brokers[1].recent("p", 1, None, 3)) == [3, 7, 8]
+    assert ids(await brokers[1].recent("p", None, None, 100)) == [1, 3, 7, 8, 10]

@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.storage import open_store
 from livecomments.storage import postgres as postgres_store
 from livecomments.storage import sqlite as sqlite_store
@@ -149,6 +150,46 @@ async def test_posts_are_kept_apart(store: CommentStore):
     assert await page(store, "nobody-posted-here") == ([], False)
 
 
+# -- deletions ------------------------------------------------------------------------------
+
+
+def deletion(target: int, post: str = "p1", by: str = "u0") -> Deletion:
+    return Deletion(1_000_000 + target, post, target, 1_700_000_100_000, by)
+
+
+async def test_a_deleted_comment_leaves_every_page_but_stays_readable(store: CommentStore):
+    await store.insert_many([comment(i) for i in range(1, 11)])
+    await store.delete_many([deletion(9), deletion(5)])
+    assert await page(store) == ([7, 8, 10], True)
+    assert await page(store, before=8) == ([4, 6, 7], True)
+    assert await page(store, after=3) == ([4, 6, 7], True)
+    assert await page(store, limit=100) == ([1, 2, 3, 4, 6, 7, 8, 10], False)
+    assert await store.get("p1", 9) == (comment(9), True)
+    assert await store.get("p1", 8) == (comment(8), False)
+    assert await store.get("p1", 99) is None
+    assert await store.get("p2", 8) is None  # the post is part of the key
+
+
+async def test_deleting_twice_or_before_the_comment_arrives(store: CommentStore):
+    """A tombstone may be stored before its comment (another instance has not flushed it
+    yet): the comment, when it comes, is stored and never listed."""
+    await store.delete_many([deletion(3)])
+    await store.delete_many([deletion(3), deletion(3, by="moderator:m")])
+    assert await store.deleted_among("p1", [1, 2, 3]) == {3}
+    assert await store.insert_many([comment(i) for i in range(1, 5)]) == []
+    assert await page(store, limit=10) == ([1, 2, 4], False)
+    assert await store.get("p1", 3) == (comment(3), True)
+
+
+async def test_deleted_among_keeps_posts_apart_and_takes_many_ids(store: CommentStore):
+    await store.delete_many([deletion(i) for i in range(0, 3000, 3)])
+    await store.delete_many([deletion(1, post="p2")])
+    found = await store.deleted_among("p1", list(range(3000)))
+    assert found == set(range(0, 3000, 3))
+    assert await store.deleted_among("p2", [0, 1, 2]) == {1}
+    assert await store.deleted_among("p1", []) == set()
+
+
 # -- migrations -----------------------------------------------------------------------------
 
 
@@ -158,7 +199,7 @@ async def test_migrations_run_twice(store_url: str):
         await s.open()
         await s.insert_many([comment(1)])
         await s.close()
-    assert await schema_versions(store_url) == [1, 2]
+    assert await schema_versions(store_url) == [1, 2, 3]
 
 
 # Four stores opened at once, in one fresh process, on each of several new databases: the race
@@ -206,7 +247,7 @@ async def test_migrations_race_from_concurrent_openers(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     for url in urls:
-        assert await schema_versions(url) == [1, 2]
+        assert await schema_versions(url) == [1, 2, 3]
 
 
 async def schema_versions(url: str) -> list[int]:
@@ -346,14 +387,16 @@ async def test_postgres_store_runs_with_a_role_that_cannot_create_tables(
     try:
         await con.execute(f"CREATE ROLE {role} LOGIN")
         await con.execute(f"GRANT SELECT, INSERT ON comments TO {role}")
+        await con.execute(f"GRANT SELECT, INSERT ON deletions TO {role}")
         await con.execute(f"GRANT SELECT ON schema_migrations TO {role}")
     finally:
         await con.close()
     s = PostgresStore(pg_url.replace("postgres@", f"{role}@"))
     await s.open()
     try:
-        await s.insert_many([comment(1), comment(2)])
-        assert await page(s) == ([1, 2], False)
+        await s.insert_many([comment(1), comment(2), comment(3)])
+        await s.delete_many([deletion(2)])
+        assert await page(s) == ([1, 3], False)
     finally:
         await s.close()
 

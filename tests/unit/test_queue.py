@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion
 from livecomments.storage import queue_file as queue_module
 from livecomments.storage.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
 from tests.support.mounts import remount, tmpfs
@@ -18,6 +19,12 @@ from tests.support.mounts import remount, tmpfs
 
 def comment(i: int, post: str = "p") -> Comment:
     return Comment(i, post, "u", f"message {i}", None, None, 1_700_000_000_000 + i)
+
+
+async def finish(q: WriteAheadQueue, comments: list[Comment]) -> None:
+    """What the flusher and the publisher do: stored, then appended; the row is then done."""
+    await q.mark_stored([c.id for c in comments])
+    await q.mark_appended({c.id: "epoch" for c in comments})
 
 
 async def open_queue(path: Path, max_bytes: int = 1 << 20) -> WriteAheadQueue:
@@ -30,13 +37,49 @@ async def test_committed_comments_survive_a_reopen(tmp_path: Path):
     q = await open_queue(tmp_path)
     for i in range(1, 6):
         await q.enqueue(comment(i))
-    await q.ack([comment(1)])
+    await finish(q, [comment(1)])
     await q.close()
 
     q = await open_queue(tmp_path)
-    assert [c.id for c in q.oldest(100)] == [2, 3, 4, 5]
+    assert [c.id for c in q.rows.unstored(100)] == [2, 3, 4, 5]
     assert q.recovered_rows == 4
     assert q.last_id == 5
+    await q.close()
+
+
+async def test_what_is_owed_survives_a_reopen_apart_stored_and_appended(tmp_path: Path):
+    """A row leaves the queue once it is both stored and appended; until then a restart owes
+    exactly what is missing, no more (a repeat is harmless, a miss is not)."""
+    q = await open_queue(tmp_path)
+    for i in range(1, 5):
+        await q.enqueue(comment(i))
+    await q.mark_stored([1, 2])
+    await q.mark_appended({2: "e1", 3: "e1"})
+    await q.close()
+
+    q = await open_queue(tmp_path)
+    assert [c.id for c in q.rows.unstored(100)] == [3, 4]
+    assert [row[0] for row in q.rows.unappended(100)] == [1, 4]
+    assert q.depth == 3  # 2 is done: stored and appended
+    await q.close()
+
+
+async def test_a_queued_deletion_hides_its_comment_until_it_is_done(tmp_path: Path):
+    q = await open_queue(tmp_path)
+    for i in range(1, 4):
+        await q.enqueue(comment(i))
+    await q.enqueue(Deletion(10, "p", 2, 1_700_000_000_010, "u"))
+    assert [c.id for c in q.rows.page("p", 10, None, None)] == [1, 3]
+    assert q.rows.deleting("p") == {2}
+    await q.close()
+
+    q = await open_queue(tmp_path)  # a crash keeps the deletion, and its effect on pages
+    assert [c.id for c in q.rows.page("p", 10, None, None)] == [1, 3]
+    owed = q.rows.unstored(100)
+    assert [type(r).__name__ for r in owed] == ["Comment"] * 3 + ["Deletion"]
+    await q.mark_stored([10])
+    await q.mark_appended({10: "e1"})
+    assert q.rows.deleting("p") == set()  # the database and the stream have it now
     await q.close()
 
 
@@ -53,15 +96,15 @@ async def test_read_your_writes_index_by_post(tmp_path: Path):
     await asyncio.gather(*(q.enqueue(comment(i, post=f"p{i % 2}")) for i in range(1, 11)))
 
     def page(n: int, before: int | None = None, after: int | None = None) -> list[int]:
-        return [c.id for c in q.pending_page("p1", n, before, after)]
+        return [c.id for c in q.rows.page("p1", n, before, after)]
 
     assert page(100) == [1, 3, 5, 7, 9]
     assert page(2) == [7, 9]
     assert page(2, before=7) == [3, 5]
     assert page(2, after=1) == [3, 5]
     assert page(10, after=9) == []
-    assert q.pending_page("nobody", 5, None, None) == []
-    await q.ack([comment(3, "p1"), comment(5, "p1")])
+    assert q.rows.page("nobody", 5, None, None) == []
+    await finish(q, [comment(3, "p1"), comment(5, "p1")])
     assert page(100) == [1, 7, 9]
     assert q.depth == 8
     await q.close()
@@ -74,7 +117,7 @@ async def test_full_queue_refuses_instead_of_accepting(tmp_path: Path):
         await q.enqueue(comment(i))
     with pytest.raises(QueueFull):
         await q.enqueue(comment(4))
-    await q.ack([comment(1)])
+    await finish(q, [comment(1)])
     await q.enqueue(comment(4))  # room again once something was flushed
     assert q.depth == 3
     await q.close()
@@ -86,7 +129,7 @@ async def test_wait_empty_returns_once_everything_is_acked(tmp_path: Path):
     waiter = asyncio.create_task(q.wait_empty())
     await asyncio.sleep(0)
     assert not waiter.done()
-    await q.ack([comment(1)])
+    await finish(q, [comment(1)])
     await asyncio.wait_for(waiter, 5)
     await q.close()
 
@@ -109,7 +152,7 @@ async def test_garbage_after_the_last_commit_is_ignored(tmp_path: Path):
         f.write(b"\x37\x7f\x06\x82" + b"torn half-written frame" * 50)
 
     q = await open_queue(crashed)
-    assert [c.id for c in q.oldest(100)] == list(range(1, 21))
+    assert [c.id for c in q.rows.unstored(100)] == list(range(1, 21))
     await q.close()
 
 
@@ -125,7 +168,7 @@ async def test_a_torn_last_commit_keeps_every_earlier_commit(tmp_path: Path):
     wal.write_bytes(wal.read_bytes()[:-200])  # the crash cut the last commit short
 
     q = await open_queue(crashed)
-    ids = [c.id for c in q.oldest(100)]
+    ids = [c.id for c in q.rows.unstored(100)]
     assert ids[:10] == list(range(1, 11))  # every commit before the torn one survived
     await q.close()
 
@@ -153,7 +196,7 @@ async def test_a_damaged_page_salvages_readable_rows(tmp_path: Path, caplog):
     path.write_bytes(bytes(data))
 
     q = await open_queue(tmp_path)
-    ids = [c.id for c in q.oldest(10_000)]
+    ids = [c.id for c in q.rows.unstored(10_000)]
     await q.close()
     assert "integrity check" in caplog.text
     assert 1500 < len(ids) < 2000  # all but the rows of the damaged page
@@ -194,7 +237,7 @@ async def test_a_healthy_file_locked_elsewhere_is_not_called_corrupt(
         other.close()
     assert not list(tmp_path.glob("*corrupt*"))
     q = await open_queue(tmp_path)
-    assert [c.id for c in q.oldest(10)] == [1]
+    assert [c.id for c in q.rows.unstored(10)] == [1]
     await q.close()
 
 

@@ -40,7 +40,8 @@ async def test_a_comment_flushed_during_a_read_is_still_listed(tmp_path: Path):
     reading = asyncio.create_task(comments.page(PageQuery("p", 50)))
     await asyncio.wait_for(store.read_done.wait(), 5)  # the database did not have it yet
     await store.insert_many([c])  # what the flusher does meanwhile: store, then forget
-    await queue.ack([c])
+    await queue.mark_stored([c.id])
+    await queue.mark_appended({c.id: "epoch"})
     store.gate.set()
     listed, _ = await asyncio.wait_for(reading, 5)
     assert [x.id for x in listed] == [1], "an acknowledged comment vanished from GET"

@@ -36,6 +36,11 @@ else
   redis.call('HSET', m, 'epoch', epoch, 'offset', 0)
 end
 local offset = redis.call('HINCRBY', m, 'offset', 1)
+if kind == 'd' then
+  -- A deletion: its comment leaves the index, so GET's RECENT no longer lists it.
+  local target = string.rep('0', 20 - #body) .. body
+  redis.call('ZREMRANGEBYLEX', i, '[' .. target .. ':', '[' .. target .. ';')
+end
 redis.call('XADD', s, 'MAXLEN', '~', size, offset .. '-0', 'k', kind, 'd', body)
 redis.call('ZADD', i, 0, id .. ':' .. offset)
 local held = redis.call('ZCARD', i)
@@ -78,18 +83,31 @@ return {epoch, offset, 1, entries}
 RECENT = """
 local i, s = KEYS[1], KEYS[2]
 local min, max, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local rows
-if ARGV[4] == '1' then
-  rows = redis.call('ZREVRANGEBYLEX', i, max, min, 'LIMIT', 0, count)
-else
-  rows = redis.call('ZRANGEBYLEX', i, min, max, 'LIMIT', 0, count)
-end
+local newest = ARGV[4] == '1'
 local out = {}
-for _, row in ipairs(rows) do
-  local offset = string.sub(row, 22)
-  local entry = redis.call('XRANGE', s, offset .. '-0', offset .. '-0')
-  if entry[1] and entry[1][2][2] == 'c' then
-    out[#out + 1] = entry[1][2][4]
+-- Deletions have index rows too (their own id, for the append's dedupe): read on past them
+-- until the window holds `count` comments or the index ends.
+while #out < count do
+  local rows
+  if newest then
+    rows = redis.call('ZREVRANGEBYLEX', i, max, min, 'LIMIT', 0, count - #out)
+  else
+    rows = redis.call('ZRANGEBYLEX', i, min, max, 'LIMIT', 0, count - #out)
+  end
+  if not rows[1] then
+    break
+  end
+  for _, row in ipairs(rows) do
+    local offset = string.sub(row, 22)
+    local entry = redis.call('XRANGE', s, offset .. '-0', offset .. '-0')
+    if entry[1] and entry[1][2][2] == 'c' then
+      out[#out + 1] = entry[1][2][4]
+    end
+  end
+  if newest then
+    max = '(' .. rows[#rows]
+  else
+    min = '(' .. rows[#rows]
   end
 end
 return out
