@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from livecomments.config_auth import AuthSettings, check_auth
+# Re-exported (`as`, for mypy): the rooms that read settings import every section from here.
+from livecomments.config_auth import AuthSettings as AuthSettings  # noqa: PLC0414
+from livecomments.config_auth import check_auth
 from livecomments.urls import REDIS_PREFIXES, SQLITE_PREFIX, store_scheme
 
 ENV_PREFIX = "LIVECOMMENTS_"

@@ -22,6 +22,8 @@ KEY_ALGORITHMS = (
 )
 # Bytes a shared secret or a server key has at least: HS256's own key size (RFC 7518 3.2).
 MIN_SECRET_BYTES = 32
+# ... and a secret, for the HS* algorithms it verifies: each hash's own size.
+HMAC_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -63,8 +65,10 @@ def check_auth(a: AuthSettings) -> None:
     if a.read == "token" and a.mode != "jwt":
         raise ValueError('auth.read: "token" needs auth.mode = "jwt"')
     # Short secrets fall to an offline brute force of any one token (HS*), or a guess (keys).
-    if a.secret and len(a.secret.encode()) < MIN_SECRET_BYTES:
-        raise ValueError(f"auth.secret: must be at least {MIN_SECRET_BYTES} bytes")
+    if a.secret:
+        needed = max([MIN_SECRET_BYTES] + [HMAC_SECRET_BYTES.get(x, 0) for x in a.algorithms])
+        if len(a.secret.encode()) < needed:
+            raise ValueError(f"auth.secret: must be at least {needed} bytes for auth.algorithms")
     if any(len(k.encode()) < MIN_SECRET_BYTES for k in a.server_keys):
         raise ValueError(f"auth.server_keys: each must be at least {MIN_SECRET_BYTES} bytes")
     if a.algorithms and not verifiers:
@@ -79,11 +83,15 @@ def check_auth(a: AuthSettings) -> None:
                 f"(allowed: {', '.join(allowed)})"
             )
     if a.jwks_url:
-        # Keys fetched over plain HTTP could be anyone's: only a local test server may.
-        url = urlsplit(a.jwks_url)
-        local = url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
-        if not (url.scheme == "https" and url.hostname) and not local:
-            raise ValueError("auth.jwks_url: must be https://host/... (http:// only to localhost)")
+        _check_jwks_url(a.jwks_url)
     for name in ("scope_claim", "roles_claim", "moderator_role"):
         if not getattr(a, name):
             raise ValueError(f"auth.{name}: must not be empty")
+
+
+def _check_jwks_url(jwks_url: str) -> None:
+    # Keys fetched over plain HTTP could be anyone's: only a local test server may.
+    url = urlsplit(jwks_url)
+    local = url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+    if not (url.scheme == "https" and url.hostname) and not local:
+        raise ValueError("auth.jwks_url: must be https://host/... (http:// only to localhost)")

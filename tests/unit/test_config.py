@@ -326,13 +326,13 @@ def test_rate_limits_are_on_by_default_and_zero_turns_each_off():
 def test_jwt_mode_from_the_environment():
     env = {
         "LIVECOMMENTS_AUTH_MODE": "jwt",
-        "LIVECOMMENTS_AUTH_SECRET": SECRET,
+        "LIVECOMMENTS_AUTH_SECRET": SECRET * 2,  # 64 bytes, for HS512
         "LIVECOMMENTS_AUTH_ALGORITHMS": "HS256,HS512",
         "LIVECOMMENTS_AUTH_SERVER_KEYS": f"{KEY}, {KEY}2",
         "LIVECOMMENTS_AUTH_LEEWAY": "5",
     }
     auth = load_settings(None, environ=env).auth
-    assert (auth.mode, auth.secret, auth.leeway) == ("jwt", SECRET, 5.0)
+    assert (auth.mode, auth.secret, auth.leeway) == ("jwt", SECRET * 2, 5.0)
     assert auth.algorithms == ["HS256", "HS512"]
     assert auth.server_keys == [KEY, f"{KEY}2"]
 
@@ -373,6 +373,7 @@ def test_a_jwks_url_on_localhost_may_be_plain_http():
         ("[auth]\nserver_keys = ['short']\n", "auth.server_keys"),
         ("[auth]\nserver_keys = 'not a list'\n", "auth.server_keys"),
         (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['RS256']\n", "auth.algorithms"),
+        (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['HS512']\n", "auth.secret"),  # 64 bytes
         (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['none']\n", "auth.algorithms"),
         ("[auth]\njwks_url = 'https://x/j'\nalgorithms = ['HS256']\n", "auth.algorithms"),
         ("[auth]\nalgorithms = ['RS256']\n", "auth.algorithms"),
