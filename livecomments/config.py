@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+# Re-exported (`as`, for mypy): the rooms that read settings import every section from here.
+from livecomments.config_auth import AuthSettings as AuthSettings  # noqa: PLC0414
+from livecomments.config_auth import check_auth
 from livecomments.urls import REDIS_PREFIXES, SQLITE_PREFIX, store_scheme
 
 ENV_PREFIX = "LIVECOMMENTS_"
@@ -82,6 +85,18 @@ class LimitsSettings:
     # Posts one instance follows at once (each is a Pub/Sub channel when Redis is on).
     posts_per_instance: int = 100_000
     max_connections: int = 20_000
+    # Rate limits (api/ratelimit.py); 0 turns one off. Comments per author (shared through Redis
+    # when redis.urls is set), a token bucket: `comments_per_minute` refill, `comments_burst` size.
+    comments_per_minute: float = 20.0
+    comments_burst: int = 10
+    # Per client address (IPv6: its /64), per instance: open WebSockets, and new ones per second.
+    ws_per_ip: int = 50
+    ws_connects_per_ip_per_second: float = 10.0
+    ws_connects_burst: int = 20
+    # Per socket: frames from the client per second; past it the socket is closed (1008). The
+    # burst must let a reconnecting socket resubscribe all of its posts_per_socket at once.
+    frames_per_second: float = 20.0
+    frames_burst: int = 120
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class Settings:
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -155,6 +171,15 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.posts_per_instance": (1, 10_000_000),
     "limits.retry_window_bytes": (0, 1 << 40),
     "limits.max_connections": (1, 1_000_000),
+    "limits.comments_per_minute": (0, 1_000_000),
+    "limits.comments_burst": (1, 1_000_000),
+    "limits.ws_per_ip": (0, 1_000_000),
+    "limits.ws_connects_per_ip_per_second": (0, 1_000_000),
+    "limits.ws_connects_burst": (1, 1_000_000),
+    "limits.frames_per_second": (0, 1_000_000),
+    "limits.frames_burst": (1, 1_000_000),
+    "auth.leeway": (0, 300),
+    "auth.delete_window": (0, 365 * 86400),
     "history.size": (1, 1_000_000),
     "history.ttl": (1, 7 * 86400),
     "history.meta_ttl": (60, 365 * 86400),
@@ -312,13 +337,23 @@ def _check_relations(s: Settings) -> None:
             raise ConfigError(f"redis.urls: expected redis://host:port[/db], got {url!r}")
     if len(set(s.redis.urls)) != len(s.redis.urls):
         raise ConfigError("redis.urls: lists the same server twice")
+    if s.limits.frames_per_second and s.limits.frames_burst < s.limits.posts_per_socket:
+        raise ConfigError(
+            "limits.frames_burst: must be at least limits.posts_per_socket "
+            f"({s.limits.posts_per_socket}): a reconnecting socket resubscribes all its posts"
+        )
+    try:
+        check_auth(s.auth)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _resolve_paths(
     settings: Settings, raw: dict[str, Any], env: Mapping[str, str], path: str | Path | None
 ) -> Settings:
-    """Make `queue.dir` and the path of a `sqlite:///relative.db` store URL absolute, once, so
-    that the queue, the store and `migrate` use the same files whatever their working directory.
+    """Make `queue.dir`, `auth.public_key` and the path of a `sqlite:///relative.db` store URL
+    absolute, once, so that the queue, the store and `migrate` use the same files whatever their
+    working directory.
 
     A relative path written in the config file is relative to the file's directory: a service
     manager that starts the process elsewhere (systemd without `WorkingDirectory` starts it in
@@ -339,8 +374,14 @@ def _resolve_paths(
     url = settings.store.url
     if url.startswith(SQLITE_PREFIX) and not os.path.isabs(url[len(SQLITE_PREFIX) :]):
         url = SQLITE_PREFIX + str(base("store", "url") / url[len(SQLITE_PREFIX) :])
+    public_key = settings.auth.public_key
+    if public_key and not os.path.isabs(public_key):
+        public_key = str(base("auth", "public_key") / public_key)
+    if public_key and not os.access(public_key, os.R_OK):
+        raise ConfigError(f"auth.public_key: cannot read {public_key}")
     return dataclasses.replace(
         settings,
         queue=dataclasses.replace(settings.queue, dir=queue_dir),
         store=dataclasses.replace(settings.store, url=url),
+        auth=dataclasses.replace(settings.auth, public_key=public_key),
     )

@@ -139,3 +139,27 @@ def bind(gauge: Gauge, read: Callable[[], float]) -> None:
 def render() -> bytes:
     """The Prometheus text exposition of every metric above and the process collectors."""
     return generate_latest(REGISTRY)
+
+
+# -- trust: authentication and rate limits ------------------------------------------------------
+
+AUTHENTICATIONS = Counter(
+    "livecomments_auth",
+    "Credentials examined, by result: anonymous, token, server_key (accepted), or the refusal's "
+    "code (unauthenticated, invalid_token, token_expired).",
+    ["result"],
+)
+JWKS_FETCHES = Counter(
+    "livecomments_jwks_fetches", "Fetches of the issuer's JWKS, by result (ok, error).", ["result"]
+)
+RATE_LIMITED = Counter(
+    "livecomments_rate_limited",
+    "Requests, upgrades and frames refused by a rate limit, by limit: comments, ws_per_ip, "
+    "ws_connects_per_ip, frames.",
+    ["limit"],
+)
+RATE_LIMIT_FALLBACKS = Counter(
+    "livecomments_rate_limit_fallbacks",
+    "Rate-limit decisions made by the local bucket because Redis failed or was recently down.",
+    ["limit"],
+)

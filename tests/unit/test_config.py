@@ -297,3 +297,98 @@ def test_a_body_limit_too_small_for_the_longest_message_is_refused():
         },
     )
     assert fits.limits.body_max_bytes == 16384
+
+
+# -- rate limits and [auth] ---------------------------------------------------------------------
+
+SECRET = "s" * 32
+KEY = "k" * 32
+
+
+def test_rate_limits_are_on_by_default_and_zero_turns_each_off():
+    limits = load_settings(None, environ={}).limits
+    assert limits.comments_per_minute > 0 and limits.ws_per_ip > 0
+    assert limits.ws_connects_per_ip_per_second > 0 and limits.frames_per_second > 0
+    off = load_settings(
+        None,
+        environ={
+            "LIVECOMMENTS_LIMITS_COMMENTS_PER_MINUTE": "0",
+            "LIVECOMMENTS_LIMITS_WS_PER_IP": "0",
+            "LIVECOMMENTS_LIMITS_WS_CONNECTS_PER_IP_PER_SECOND": "0",
+            "LIVECOMMENTS_LIMITS_FRAMES_PER_SECOND": "0",
+            "LIVECOMMENTS_LIMITS_FRAMES_BURST": "1",  # fine: frames are not limited
+        },
+    ).limits
+    assert (off.comments_per_minute, off.ws_per_ip) == (0, 0)
+    assert (off.ws_connects_per_ip_per_second, off.frames_per_second) == (0, 0)
+
+
+def test_jwt_mode_from_the_environment():
+    env = {
+        "LIVECOMMENTS_AUTH_MODE": "jwt",
+        "LIVECOMMENTS_AUTH_SECRET": SECRET * 2,  # 64 bytes, for HS512
+        "LIVECOMMENTS_AUTH_ALGORITHMS": "HS256,HS512",
+        "LIVECOMMENTS_AUTH_SERVER_KEYS": f"{KEY}, {KEY}2",
+        "LIVECOMMENTS_AUTH_LEEWAY": "5",
+    }
+    auth = load_settings(None, environ=env).auth
+    assert (auth.mode, auth.secret, auth.leeway) == ("jwt", SECRET * 2, 5.0)
+    assert auth.algorithms == ["HS256", "HS512"]
+    assert auth.server_keys == [KEY, f"{KEY}2"]
+
+
+def test_secrets_stay_out_of_the_settings_repr():
+    env = {"LIVECOMMENTS_AUTH_SECRET": SECRET, "LIVECOMMENTS_AUTH_SERVER_KEYS": KEY}
+    text = repr(load_settings(None, environ=env))
+    assert SECRET not in text and KEY not in text
+
+
+def test_a_relative_public_key_is_next_to_the_config_file(tmp_path: Path, elsewhere: Path):
+    etc = tmp_path / "etc"
+    path = _config_in(etc, '[auth]\nmode = "jwt"\npublic_key = "keys/jwt.pem"\n')
+    (etc / "keys").mkdir()
+    (etc / "keys" / "jwt.pem").write_text("-----BEGIN PUBLIC KEY-----\n")
+    assert load_settings(path, environ={}).auth.public_key == str(etc / "keys" / "jwt.pem")
+
+
+def test_a_jwks_url_on_localhost_may_be_plain_http():
+    for url in ("https://issuer.example/.well-known/jwks.json", "http://127.0.0.1:9999/jwks"):
+        env = {"LIVECOMMENTS_AUTH_MODE": "jwt", "LIVECOMMENTS_AUTH_JWKS_URL": url}
+        assert load_settings(None, environ=env).auth.jwks_url == url
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[limits]\ncomments_burst = 0\n", "limits.comments_burst"),
+        ("[limits]\ncomments_per_minute = -1\n", "limits.comments_per_minute"),
+        ("[limits]\nws_per_ip = -1\n", "limits.ws_per_ip"),
+        ("[limits]\nframes_burst = 50\n", "limits.frames_burst"),  # < posts_per_socket
+        ("[auth]\nmode = 'oauth'\n", "auth.mode"),
+        ("[auth]\nread = 'private'\n", "auth.read"),
+        ("[auth]\nmode = 'jwt'\n", "auth.mode"),
+        (f"[auth]\nsecret = '{SECRET}'\njwks_url = 'https://x/j'\n", "auth.jwks_url"),
+        ("[auth]\nread = 'token'\n", "auth.read"),
+        ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth.secret"),
+        ("[auth]\nserver_keys = ['short']\n", "auth.server_keys"),
+        ("[auth]\nserver_keys = 'not a list'\n", "auth.server_keys"),
+        (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['RS256']\n", "auth.algorithms"),
+        (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['HS512']\n", "auth.secret"),  # 64 bytes
+        (f"[auth]\nsecret = '{SECRET}'\nalgorithms = ['none']\n", "auth.algorithms"),
+        ("[auth]\njwks_url = 'https://x/j'\nalgorithms = ['HS256']\n", "auth.algorithms"),
+        ("[auth]\nalgorithms = ['RS256']\n", "auth.algorithms"),
+        ("[auth]\nmode = 'jwt'\njwks_url = 'http://idp.example/j'\n", "auth.jwks_url"),
+        ("[auth]\nmode = 'jwt'\njwks_url = 'idp.example/j'\n", "auth.jwks_url"),
+        ("[auth]\nmode = 'jwt'\npublic_key = 'missing.pem'\n", "auth.public_key"),
+        ("[auth]\nleeway = 3600\n", "auth.leeway"),
+        ("[auth]\ndelete_window = -1\n", "auth.delete_window"),
+        ("[auth]\nscope_claim = ''\n", "auth.scope_claim"),
+        ("[auth]\nissuer = 1\n", "auth.issuer"),
+    ],
+)
+def test_bad_limits_and_auth_name_the_key(tmp_path: Path, text: str, key: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_settings(path, environ={})
+    assert str(e.value).startswith(key)
