@@ -50,7 +50,6 @@ __all__ = ["browser"]  # a fixture, imported for pytest
 # Drains spread reconnects over 10 s by default; these servers stop at once.
 QUICK_STOP = {"LIVECOMMENTS_SERVER_DRAIN_SECONDS": "0"}
 SECRET = "page-delete-test-secret-of-more-than-32-bytes"
-AUTH_PENDING = pytest.mark.xfail(strict=True, reason="auth wiring lands with the lead's merge")
 # Recorded inside the page, so that what a test reads is in step with what the page did: every
 # comment ever added to its list, by id ("never shown" is checked, not "gone by now"), every
 # WebSocket it opened and every frame it sent.
@@ -436,7 +435,6 @@ def test_readme_client_counts_deletions_as_stream_positions(
 # -- Tokens -----------------------------------------------------------------------------------
 
 
-@AUTH_PENDING
 def test_token_from_the_fragment_signs_in_everywhere_and_leaves_the_address(
     jwt_server: ServerProcess, open_viewer: OpenViewer
 ) -> None:
@@ -488,7 +486,6 @@ def test_token_from_the_fragment_signs_in_everywhere_and_leaves_the_address(
     assert listed(jwt_server, post, token) == []
 
 
-@AUTH_PENDING
 def test_a_moderator_may_delete_every_comment_and_others_only_their_own(
     jwt_server: ServerProcess, open_viewer: OpenViewer
 ) -> None:
@@ -517,7 +514,6 @@ def test_a_moderator_may_delete_every_comment_and_others_only_their_own(
         assert daves not in ids_on(v.page)
 
 
-@AUTH_PENDING
 def test_a_refused_token_stops_reconnecting_until_a_new_one_is_given(
     jwt_server: ServerProcess, open_viewer: OpenViewer
 ) -> None:
@@ -544,7 +540,6 @@ def test_a_refused_token_stops_reconnecting_until_a_new_one_is_given(
     assert page.evaluate("location.hash") == ""
 
 
-@AUTH_PENDING
 def test_a_newer_token_is_handed_to_the_open_socket_and_another_user_reconnects(
     jwt_server: ServerProcess, open_viewer: OpenViewer
 ) -> None:
