@@ -20,8 +20,9 @@ the rest of the server untouched: a witness viewer subscribed from the start get
 comment at the next offset (no gap, no duplicate) within a deadline, /healthz answers 200, no
 socket or followed post is left behind, the process runs and its log has no traceback or ERROR.
 
-One server for the module (SQLite, no Redis) with every rate limit off, so Hypothesis explores
-input shapes rather than the limiter; the frame limit has its own test and server at the end.
+One server for the module (SQLite, no Redis, open mode) with every rate limit off, so Hypothesis
+explores input shapes rather than the limiter; the frame limit has its own test and server at the
+end.
 Examples are derandomized, so a run is reproducible and CI sees the same inputs every time.
 """
 
@@ -1360,7 +1361,6 @@ async def test_a_crowd_storming_past_its_limits_at_once_leaves_nothing_behind(he
 FRAMES_PER_SECOND, FRAMES_BURST = 5, 10
 
 
-@pytest.mark.xfail(strict=True, reason="frame limit wired by lead")
 async def test_a_frame_flood_is_closed_with_1008_and_spoils_nothing(
     start_server: Any, http: aiohttp.ClientSession
 ):
