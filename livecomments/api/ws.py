@@ -174,6 +174,9 @@ async def _read_loop(app: web.Application, sock: _Socket) -> None:
             return
         if conn.closing:
             return
+        # The answers go out before the next read: a frame aiohttp must close on (too big, bad
+        # UTF-8) closes the socket inside that read, and would overtake them.
+        conn.flush()
 
 
 async def _on_text(app: web.Application, sock: _Socket, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from aiohttp import WSMsgType
 
 from tests.support.raw_ws import RawWebSocket
 from tests.support.server import ServerProcess
+from tests.support.wire import OP_BINARY, OP_TEXT, WireClient, client_frame
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +355,31 @@ async def test_a_flood_of_garbage_does_not_hurt_other_clients(server: ServerProc
                 await noisy.send_str("}{" if i % 2 else '{"type":"nope"}')
             c = await post(http, server, post_id="calm", uid="u", message="still here")
             assert like(await receive(calm), type="comment", comment=c)
+
+
+@pytest.mark.parametrize(
+    ("fatal", "code"),
+    [
+        (client_frame(OP_TEXT, b"x" * (16 * 1024 + 1)), 1009),
+        (client_frame(OP_TEXT, b"\xff\xfe"), 1007),
+        (client_frame(0x3, b""), 1002),  # a reserved opcode
+        (client_frame(OP_BINARY, b"\x00"), 1003),
+    ],
+    ids=["too-big", "bad-utf8", "reserved-opcode", "binary"],
+)
+async def test_answers_read_before_a_fatal_frame_still_arrive_before_the_close(
+    server: ServerProcess, fatal: bytes, code: int
+):
+    """One write: subscribe, ping, then a frame the server must close on. The close may not
+    overtake the answers to what came before it (aiohttp closes inside its own read)."""
+    ws = await WireClient.open(server.port, "/v1/ws", 5)
+    assert isinstance(ws, WireClient)
+    subscribe = json.dumps({"type": "subscribe", "post_id": "fatal"}).encode()
+    await ws.send(
+        client_frame(OP_TEXT, subscribe) + client_frame(OP_TEXT, b'{"type":"ping"}') + fatal
+    )
+    frames = await ws.read_rest(5)
+    texts = [json.loads(f.payload)["type"] for f in frames if f.opcode == OP_TEXT]
+    assert texts == ["subscribed", "pong"], frames
+    assert frames[-1].close_code == code
+    await ws.close()
