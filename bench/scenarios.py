@@ -244,6 +244,19 @@ LIVECOMMENTS_SETTINGS: dict[str, tuple[str, str]] = {
     "LIVECOMMENTS_WEBSOCKET_HEARTBEAT": ("30", "the default; the load generator answers pings"),
     "LIVECOMMENTS_QUEUE_FLUSH_BATCH": ("1000", "the default"),
     "LIVECOMMENTS_LOG_LEVEL": ("WARNING", "no per-request logs (there are none at INFO either)"),
+    "LIVECOMMENTS_LIMITS_COMMENTS_PER_MINUTE": (
+        "0",
+        "off: the load generator is one author on one address, far past any per-author rate",
+    ),
+    "LIVECOMMENTS_LIMITS_WS_PER_IP": ("0", "off: every socket comes from 127.0.0.1"),
+    "LIVECOMMENTS_LIMITS_WS_CONNECTS_PER_IP_PER_SECOND": (
+        "0",
+        "off: thousands of sockets connect from 127.0.0.1 at once",
+    ),
+    "LIVECOMMENTS_LIMITS_FRAMES_PER_SECOND": (
+        "0",
+        "off, as the others (the load generator sends few frames; a limit would cost a check each)",
+    ),
 }
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from livecomments.api.app import apply_reload, create_app, drain, runner_options
+from livecomments.api.connections import guard_connections
 from livecomments.api.keys import IDS
 from livecomments.config import ConfigError, Settings, load_settings
 from livecomments.storage import open_store
@@ -137,6 +138,8 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
         log.error("cannot start: %s", e)
         await runner.cleanup()
         return 1
+    assert runner.server is not None
+    guard_connections(runner.server, settings.limits.max_connections)
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
     try:
         await site.start()
@@ -148,16 +151,26 @@ async def serve(settings: Settings, config_path: str | None = None) -> int:
     tune_gc()
     instance = app[IDS].instance_id
     log.info(
-        "listening on http://%s:%d/ (instance %s)",
+        "listening on http://%s:%d/ (instance %s; auth %s)",
         host,
         port,
         "pending" if instance is None else instance,
+        _auth_summary(settings),
     )
     await _until_stopped(app, config_path)
     log.info("stopping: flushing the queue into the streams and the database")
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _auth_summary(settings: Settings) -> str:
+    """The start-up line says how open the service is: a service in open mode on the internet
+    should be a choice, not a surprise."""
+    auth = settings.auth
+    if auth.mode == "open":
+        return "mode open: anyone may post as any uid; see the README's Security section"
+    return f"mode jwt, reading {auth.read}"
 
 
 async def _until_stopped(app: web.Application, config_path: str | None) -> None:

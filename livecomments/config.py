@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # Re-exported (`as`, for mypy): the rooms that read settings import every section from here.
-from livecomments.config_auth import AuthSettings as AuthSettings  # noqa: PLC0414
-from livecomments.config_auth import check_auth
+from livecomments.config_trust import AuthSettings as AuthSettings  # noqa: PLC0414
+from livecomments.config_trust import check_auth, check_origins, check_proxies
 from livecomments.urls import REDIS_PREFIXES, SQLITE_PREFIX, store_scheme
 
 ENV_PREFIX = "LIVECOMMENTS_"
@@ -51,6 +51,11 @@ class HttpSettings:
     idle_timeout: float = 15.0
     # Seconds a request body may take to arrive once its head has; past it, 408.
     body_timeout: float = 15.0
+    # Origins (scheme://host[:port]) whose pages may use the API from a browser; empty: only
+    # pages served by this host itself; ["*"]: any page (api/origins.py).
+    allowed_origins: list[str] = field(default_factory=list)
+    # Peers whose X-Forwarded-For names the client (api/peer.py): nginx on this host by default.
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
 
 
 @dataclass(frozen=True)
@@ -344,6 +349,8 @@ def _check_relations(s: Settings) -> None:
         )
     try:
         check_auth(s.auth)
+        check_origins(s.http.allowed_origins)
+        check_proxies(s.http.trusted_proxies)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

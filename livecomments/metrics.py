@@ -88,6 +88,14 @@ WS_CONNECTIONS_ACCEPTED = Counter(
     "livecomments_ws_connections_accepted", "WebSocket connections accepted."
 )
 WS_CONNECTIONS_OPEN = Gauge("livecomments_ws_connections", "Open WebSocket connections.")
+CONNECTIONS_OPEN = Gauge(
+    "livecomments_connections",
+    "Open TCP connections (WebSockets, requests, idle keep-alive), against limits.max_connections.",
+)
+CONNECTIONS_REFUSED = Counter(
+    "livecomments_connections_refused",
+    "Connections closed as they were made because limits.max_connections were open.",
+)
 WS_ERRORS = Counter(
     "livecomments_ws_errors", "Error events sent to WebSocket clients, by error code.", ["code"]
 )

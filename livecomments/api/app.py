@@ -1,15 +1,17 @@
 """The service as one aiohttp app: a thin factory that wires the rooms together.
 
-Follow one comment through them in order: api/rest.py (checked, given an id) -> storage/log.py
-(durable in the write-ahead queue, then 201; flushed into the database later) ->
-storage/publisher.py (appended to its post's stream) -> live/broker.py or live/redis/ (the
-stream's shard gives it its offset and publishes it to every node following the post) ->
-live/hub.py (on each node, in stream order, to the post's sockets, live/conn.py).
+Follow one comment through them in order: api/origins.py (may this page call us at all) ->
+api/rest.py (who is asking, checked, rate-limited, given an id) -> storage/log.py (durable in
+the write-ahead queue, then 201; flushed into the database later) -> storage/publisher.py
+(appended to its post's stream) -> live/broker.py or live/redis/ (the stream's shard gives it
+its offset and publishes it to every node following the post) -> live/hub.py (on each node, in
+stream order, to the post's sockets, live/conn.py).
 
 Each long-lived resource is its own cleanup context, started in this order and stopped in the
-reverse one: the durable log (queue, store, flusher), the instance id (leased in the store), the
-hub (with its broker), the outbox publisher, the heartbeat. Every error leaves as
-`{"error": {"code", "message"}}` (api/errors.py), unknown routes included.
+reverse one: trust (the token verifier, the rate buckets), the durable log (queue, store,
+flusher), the instance id (leased in the store), the hub (with its broker), the outbox
+publisher, the heartbeat. Every error leaves as `{"error": {"code", "message"}}`
+(api/errors.py), unknown routes included.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from typing import Any
 from aiohttp import web
 
 from livecomments import metrics
-from livecomments.api import ops, rest, ws
+from livecomments.api import delete, ops, rest, ws
+from livecomments.api.auth import Authenticator
 from livecomments.api.dedupe import RecentRequests
 from livecomments.api.errors import error_middleware
 from livecomments.api.keys import (
+    ADDRESSES,
+    AUTH,
     BATCHER,
+    COMMENT_BUCKETS,
     CONNS,
     HUB,
     IDS,
@@ -36,8 +42,13 @@ from livecomments.api.keys import (
     PUBLISHER,
     RECENT,
     SETTINGS,
+    SOCKET_LIMITS,
 )
 from livecomments.api.lifecycle import Lifecycle
+from livecomments.api.origins import OriginPolicy, origin_middleware
+from livecomments.api.peer import ClientAddresses
+from livecomments.api.ratelimit import comment_buckets
+from livecomments.api.socketlimits import ConnectionLimits
 from livecomments.config import Settings
 from livecomments.live.broker import Broker, open_broker
 from livecomments.live.conn import Conn, WriteBatcher
@@ -55,9 +66,15 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     """The whole service; `broker` replaces the one `redis.urls` asks for (tests)."""
     app = web.Application(
-        client_max_size=settings.limits.body_max_bytes, middlewares=[error_middleware]
+        client_max_size=settings.limits.body_max_bytes,
+        middlewares=[
+            origin_middleware(OriginPolicy(settings.http.allowed_origins)),
+            error_middleware,
+        ],
     )
     app[SETTINGS] = settings
+    app[ADDRESSES] = ClientAddresses(settings.http.trusted_proxies)
+    app[SOCKET_LIMITS] = ConnectionLimits.from_settings(settings.limits)
     app[RECENT] = RecentRequests(settings.limits.retry_window_bytes)
     app[CONNS] = set()
     app[BATCHER] = WriteBatcher()
@@ -67,6 +84,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         settings.limits.posts_per_instance,
         settings.history.size,
     )
+    app.cleanup_ctx.append(trust_ctx)
     app.cleanup_ctx.append(durable_log_ctx)
     app.cleanup_ctx.append(instance_ctx)
     app.cleanup_ctx.append(hub_ctx)
@@ -78,7 +96,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app.router.add_post("/v1/comments", rest.post_comment_json)
     app.router.add_post("/v1/comment", rest.post_comment_form)
     app.router.add_get("/v1/comments", rest.list_comments)
-    app.router.add_delete("/v1/comments/{id}", rest.delete_comment)
+    app.router.add_delete("/v1/comments/{id}", delete.delete_comment)
     app.router.add_get("/v1/ws", ws.websocket)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
@@ -102,6 +120,21 @@ async def apply_reload(app: web.Application, settings: Settings) -> None:
 
 
 # -- the resources, one context each ------------------------------------------------------------
+
+
+async def trust_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Who is asking and how often: the token verifier (its JWKS fetcher, if any) and the
+    comment rate buckets (in Redis when there is one)."""
+    settings = app[SETTINGS]
+    auth = Authenticator(settings.auth)
+    buckets = comment_buckets(settings.limits, settings.redis)
+    await auth.start()
+    app[AUTH], app[COMMENT_BUCKETS] = auth, buckets
+    try:
+        yield
+    finally:
+        await buckets.close()
+        await auth.close()
 
 
 async def durable_log_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -65,6 +65,11 @@ def _error_response(
     return response
 
 
+def render(e: ApiError) -> web.Response:
+    """An ApiError as its response, for the middlewares outside this one."""
+    return _error_response(e.status, e.code, e.message, e.headers)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:

@@ -1,20 +1,21 @@
 """The REST side of the API: a comment's first room.
 
-    POST /v1/comments -> create_comment(): the body decoded (body.py) and checked into a Draft
-      (model/comment.py), a retry recognised by its client_msg_id (dedupe.py), a snowflake id
-      given (model/ids.py)
+    POST /v1/comments -> create_comment(): who is asking (access.py, auth.py: the author, their
+      scope), the body decoded (body.py) and checked into a Draft (model/comment.py), a retry
+      recognised by its client_msg_id (dedupe.py), the author's rate (ratelimit.py), a
+      snowflake id given (model/ids.py)
       -> DurableLog.accept() (storage/log.py): fsync'd in the write-ahead queue; only then 201
       -> the outbox's publisher (storage/publisher.py) appends it to its post's stream, whose
          shard publishes it to every node's hub (live/hub.py) and so to every viewer.
 
 `GET /v1/comments` pages through a post: the database merged with what is still queued here and
 with the post's stream history (storage/log.py), so a comment is listed here as soon as its POST
-returned, and on every instance as soon as any viewer was sent it.
+returned, and on every instance as soon as any viewer was sent it. (Taking a comment down:
+delete.py. Which pages may call these from a browser: origins.py, before any handler.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -24,6 +25,13 @@ import orjson
 from aiohttp import web
 
 from livecomments import metrics
+from livecomments.api.access import (
+    author_of,
+    check_read,
+    check_scope,
+    identity_of,
+    take_comment_token,
+)
 from livecomments.api.body import read_body, read_form
 from livecomments.api.errors import (
     RETRY_AFTER_INSTANCE_ID,
@@ -37,16 +45,10 @@ from livecomments.api.errors import (
 )
 from livecomments.api.keys import IDS, LEASE, LOG, RECENT, SETTINGS
 from livecomments.config import Settings
-from livecomments.model.comment import Comment, check_key, draft_from
-from livecomments.model.deletion import Deletion
+from livecomments.model.comment import check_key, draft_from
 from livecomments.model.ids import MAX_SNOWFLAKE, wall_clock_ms
 from livecomments.storage.base import PageQuery, StoreUnavailable
 from livecomments.storage.queue import QueueFull, QueueWriteFailed
-
-# How long DELETE looks for a comment it cannot find yet: one acknowledged by another instance
-# a moment ago reaches the stream within milliseconds, the database within a flush.
-FIND_WAIT = 1.0
-FIND_POLL = 0.05
 
 
 async def post_comment_json(request: web.Request) -> web.Response:
@@ -81,21 +83,33 @@ async def create_comment(request: web.Request, fields: Mapping[str, Any]) -> web
     started = time.perf_counter()
     app = request.app
     limits = app[SETTINGS].limits
-    draft = draft_from(fields, limits.id_max_chars, limits.message_max_chars)
+    identity = await identity_of(request)
+    uid = check_key("uid", fields.get("uid"), limits.id_max_chars, required=False)
+    author = author_of(request, identity, uid)
+    draft = draft_from({**fields, "uid": author}, limits.id_max_chars, limits.message_max_chars)
+    check_scope(identity, draft.post_id)
     client_msg_id = check_key(
         "client_msg_id", fields.get("client_msg_id"), limits.id_max_chars, required=False
     )
-    _check_instance_id(app)
+    check_instance_id(app)
+    # Scoped by the author, who is the token's subject once auth is on: nobody can claim
+    # another author's client_msg_id.
     key = (draft.uid, client_msg_id) if client_msg_id else None
     if key is not None:
         earlier = app[RECENT].claim(key, draft)
         if earlier is not None:
             return _created(await earlier)  # the first attempt's comment, or its ApiError
+    try:
+        await take_comment_token(request, identity, author)
+    except ApiError as e:
+        if key is not None:
+            app[RECENT].forget(key, e)
+        raise
     comment = draft.to_comment(app[IDS].next_id(), wall_clock_ms())
     try:
         comment_json = await app[LOG].accept(comment)
     except BaseException as e:
-        error = _refusal(e if isinstance(e, QueueFull) else QueueWriteFailed(str(e) or "failed"))
+        error = refusal(e if isinstance(e, QueueFull) else QueueWriteFailed(str(e) or "failed"))
         if key is not None:  # a retry must not wait on this attempt for ever
             app[RECENT].forget(key, error)
         if not isinstance(e, QueueFull | QueueWriteFailed):
@@ -109,7 +123,7 @@ async def create_comment(request: web.Request, fields: Mapping[str, Any]) -> web
     return _created(comment_json)
 
 
-def _check_instance_id(app: web.Application) -> None:
+def check_instance_id(app: web.Application) -> None:
     """Ids are minted only under an instance id this instance holds (storage/lease.py)."""
     if app[LEASE].conflict:
         raise ApiError(
@@ -135,7 +149,7 @@ def _created(comment_json: bytes) -> web.Response:
     )
 
 
-def _refusal(e: Exception) -> ApiError:
+def refusal(e: Exception) -> ApiError:
     if isinstance(e, QueueFull):
         return ApiError(
             503,
@@ -151,67 +165,12 @@ def _refusal(e: Exception) -> ApiError:
     )
 
 
-async def delete_comment(request: web.Request) -> web.Response:
-    """`DELETE /v1/comments/{id}?post_id=P`: take a comment down, everywhere at once.
-
-    The deletion is made durable like a comment (storage/log.py), then stored as a tombstone and
-    appended to the post's stream: every viewer gets `delete` in stream order, and GET on every
-    instance stops listing it. Deleting twice is not an error."""
-    app = request.app
-    limits = app[SETTINGS].limits
-    post_id = check_key("post_id", request.query.get("post_id"), limits.id_max_chars)
-    assert post_id is not None
-    comment_id = _parse_int("id", request.match_info["id"], 1, MAX_SNOWFLAKE)
-    try:
-        found = await _find_soon(app, post_id, comment_id)
-    except StoreUnavailable as e:
-        raise ApiError(
-            503,
-            "store_unavailable",
-            f"the comment database is not answering: {e}",
-            retry_after(RETRY_AFTER_STORE_UNAVAILABLE),
-        ) from e
-    if found is None:
-        raise ApiError(404, "not_found", f"post {post_id} has no comment {comment_id}")
-    comment, deleted = found
-    by = may_delete(request, comment)
-    body = {"deleted": {"id": str(comment_id), "post_id": post_id}}
-    if deleted:
-        return json_response(body)
-    _check_instance_id(app)
-    deletion = Deletion(app[IDS].next_id(), post_id, comment_id, wall_clock_ms(), by)
-    try:
-        await app[LOG].accept(deletion)
-    except (QueueFull, QueueWriteFailed) as e:
-        raise _refusal(e) from e
-    return json_response(body)
-
-
-async def _find_soon(
-    app: web.Application, post_id: str, comment_id: int
-) -> tuple[Comment, bool] | None:
-    """Find the comment, waiting up to FIND_WAIT for one just acknowledged by another instance:
-    it is in that instance's queue until it reaches the stream (milliseconds) or the database."""
-    deadline = asyncio.get_running_loop().time() + FIND_WAIT
-    while True:
-        found = await app[LOG].find(post_id, comment_id)
-        if found is not None or asyncio.get_running_loop().time() >= deadline:
-            return found
-        await asyncio.sleep(FIND_POLL)
-
-
-def may_delete(request: web.Request, comment: Comment) -> str:
-    """Who deletes (for the tombstone), or 403. Open mode trusts the `uid` the client names,
-    as it does for posting: only the comment's own author may delete it."""
-    uid = request.query.get("uid")
-    if uid is None or uid != comment.uid:
-        raise ApiError(403, "forbidden", "only the comment's author may delete it")
-    return uid
-
-
 async def list_comments(request: web.Request) -> web.Response:
     """`GET /v1/comments?post_id=P[&limit=N][&before=ID | &after=ID]`."""
     query = parse_page_query(request.query, request.app[SETTINGS])
+    settings = request.app[SETTINGS]
+    if settings.auth.read == "token":  # public reads look at no credential
+        check_read(settings, await identity_of(request), query.post_id)
     try:
         comments, has_more = await request.app[LOG].page(query)
     except StoreUnavailable as e:
@@ -230,15 +189,15 @@ def parse_page_query(q: Mapping[str, str], settings: Settings) -> PageQuery:
     assert post_id is not None
     limit = limits.page_default
     if "limit" in q:
-        limit = _parse_int("limit", q["limit"], 1, limits.page_max)
-    before = _parse_int("before", q["before"], 0, MAX_SNOWFLAKE) if "before" in q else None
-    after = _parse_int("after", q["after"], 0, MAX_SNOWFLAKE) if "after" in q else None
+        limit = parse_int("limit", q["limit"], 1, limits.page_max)
+    before = parse_int("before", q["before"], 0, MAX_SNOWFLAKE) if "before" in q else None
+    after = parse_int("after", q["after"], 0, MAX_SNOWFLAKE) if "after" in q else None
     if before is not None and after is not None:
         raise invalid("before", "cannot be combined with after")
     return PageQuery(post_id, limit, before, after)
 
 
-def _parse_int(name: str, text: str, low: int, high: int) -> int:
+def parse_int(name: str, text: str, low: int, high: int) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 20:
         raise invalid(name, "must be a whole number")
     value = int(text)

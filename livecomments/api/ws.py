@@ -12,18 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 
 from livecomments import metrics
-from livecomments.api.errors import ApiError, invalid
-from livecomments.api.keys import BATCHER, CONNS, HUB, LIFECYCLE, SETTINGS
+from livecomments.api.access import check_read
+from livecomments.api.auth import Identity
+from livecomments.api.errors import ApiError, invalid, retry_after
+from livecomments.api.keys import (
+    ADDRESSES,
+    AUTH,
+    BATCHER,
+    CONNS,
+    HUB,
+    LIFECYCLE,
+    SETTINGS,
+    SOCKET_LIMITS,
+)
+from livecomments.api.socket_auth import SocketAuth
+from livecomments.api.socketlimits import FrameRate, Refused
 from livecomments.live import events
 from livecomments.live.conn import (
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_UNSUPPORTED_DATA,
     Conn,
     pong_frame,
@@ -40,8 +56,20 @@ _PONG = text_frame(events.PONG)
 MAX_EPOCH_CHARS = 64
 
 
+@dataclass(slots=True)
+class _Socket:
+    """One socket's state beside its Conn: who it is, its frame budget, and the subscribe of
+    its URL while it still owes its auth frame."""
+
+    conn: Conn
+    auth: SocketAuth
+    frames: FrameRate
+    deferred: tuple[str, Position | None] | None = None
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """Upgrade, subscribe to `?post_id=` if given, read until the socket ends, leave the hub."""
+    """Refuse what must be refused before the upgrade (HTTP answers a client can read), then
+    serve the socket; its place in the per-address count is held until it ends."""
     app = request.app
     settings = app[SETTINGS]
     if app[LIFECYCLE].refusing_sockets:
@@ -50,9 +78,31 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     if len(app[CONNS]) >= settings.limits.max_connections:
         raise ApiError(503, "too_many_connections", "this instance is at its connection limit")
+    admitted = app[SOCKET_LIMITS].admit(app[ADDRESSES].of(request))
+    if isinstance(admitted, Refused):
+        seconds = math.ceil(admitted.retry_after)
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"too many WebSockets from your address ({admitted.limit}); retry in {seconds} s",
+            retry_after(seconds),
+        )
+    try:
+        return await _serve(request)
+    finally:
+        admitted.release()
+
+
+async def _serve(request: web.Request) -> web.StreamResponse:
+    """Upgrade, subscribe to `?post_id=` if given, read until the socket ends, leave the hub."""
+    app = request.app
+    settings = app[SETTINGS]
+    identity = await _upgrade_identity(request)
     first: tuple[str, Position | None] | None = None
     if "post_id" in request.query:
         first = _target(request.query, settings.limits.id_max_chars)
+        if identity is not None:
+            check_read(settings, identity, first[0])
     ws = web.WebSocketResponse(
         # Pings are ours (live/heartbeat.py): one worker for every socket, and a pong must reach
         # the read loop to count as a sign of life.
@@ -72,13 +122,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if transport is None:  # the peer left during the handshake
         return ws
     conn = Conn(ws, transport, app[BATCHER], settings.websocket.outbox_max_bytes)
+    required = settings.auth.read == "token"
+    sock = _Socket(
+        conn,
+        SocketAuth(conn, app[AUTH], identity, required=required),
+        FrameRate.from_settings(settings.limits),
+    )
     app[CONNS].add(conn)
     metrics.WS_CONNECTIONS_ACCEPTED.inc()
+    sock.auth.start()
     try:
-        if first is not None:
-            await _subscribe(app, conn, *first)
-        await _read_loop(app, conn)
+        if first is not None and sock.auth.pending:
+            sock.deferred = first
+        elif first is not None:
+            await _subscribe(app, sock, *first)
+        await _read_loop(app, sock)
     finally:
+        sock.auth.stop()
         app[CONNS].discard(conn)
         await app[HUB].leave(conn, conn.posts)
         conn.close_soon(CLOSE_NORMAL, b"")
@@ -87,14 +147,28 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _read_loop(app: web.Application, conn: Conn) -> None:
+async def _upgrade_identity(request: web.Request) -> Identity | None:
+    """The credential of the upgrade (`Authorization`, or `?token=`), None if it has none; a
+    refused one is a 401 before the upgrade."""
+    authorization = request.headers.get(hdrs.AUTHORIZATION)
+    token = request.query.get("token")
+    if not authorization and not token:
+        return None
+    return await request.app[AUTH].identify(authorization, token)
+
+
+async def _read_loop(app: web.Application, sock: _Socket) -> None:
+    conn = sock.conn
     loop = asyncio.get_running_loop()
     async for msg in conn.ws:
         conn.heard(loop.time())
+        if not sock.frames.allow():
+            conn.close_soon(CLOSE_POLICY_VIOLATION, b"too many frames per second")
+            return
         if msg.type == WSMsgType.PING:
             conn.offer(pong_frame(msg.data))
         elif msg.type == WSMsgType.TEXT:
-            await _on_text(app, conn, msg.data)
+            await _on_text(app, sock, msg.data)
         elif msg.type == WSMsgType.BINARY:
             conn.close_soon(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported")
             return
@@ -102,7 +176,8 @@ async def _read_loop(app: web.Application, conn: Conn) -> None:
             return
 
 
-async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
+async def _on_text(app: web.Application, sock: _Socket, text: str) -> None:
+    conn = sock.conn
     try:
         event: Any = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -113,18 +188,34 @@ async def _on_text(app: web.Application, conn: Conn, text: str) -> None:
     if kind == "ping":
         conn.offer(_PONG)
         return None
+    if kind in ("auth", "refresh"):
+        return await _on_token(app, sock, event.get("token"))
     if kind not in ("subscribe", "unsubscribe"):
         return _send_error(conn, "unknown_type", f"unknown event type {kind[:64]!r}")
+    if sock.auth.pending:
+        return _send_error(conn, "unauthenticated", 'send {"type":"auth","token":...} first')
     try:
         post_id, since = _target(event, app[SETTINGS].limits.id_max_chars)
     except ApiError as e:
         return _send_error(conn, e.code, e.message)
     if kind == "subscribe":
-        await _subscribe(app, conn, post_id, since)
+        await _subscribe(app, sock, post_id, since)
     else:
         conn.posts.discard(post_id)
         await app[HUB].unsubscribe(conn, post_id)
         conn.offer(text_frame(events.unsubscribed(post_id)))
+    return None
+
+
+async def _on_token(app: web.Application, sock: _Socket, token: object) -> None:
+    """`auth` / `refresh` (socket_auth.py); then the URL's subscribe, if it waited for it."""
+    try:
+        await sock.auth.on_token(token)
+    except ApiError as e:
+        return _send_error(sock.conn, e.code, e.message)
+    if sock.deferred is not None and not sock.auth.pending and not sock.conn.closing:
+        first, sock.deferred = sock.deferred, None
+        await _subscribe(app, sock, *first)
     return None
 
 
@@ -146,8 +237,13 @@ def _target(fields: Mapping[str, Any], id_max_chars: int) -> tuple[str, Position
 
 
 async def _subscribe(
-    app: web.Application, conn: Conn, post_id: str, since: Position | None
+    app: web.Application, sock: _Socket, post_id: str, since: Position | None
 ) -> None:
+    conn = sock.conn
+    try:
+        check_read(app[SETTINGS], sock.auth.identity, post_id)
+    except ApiError as e:
+        return _send_error(conn, e.code, e.message)
     limit = app[SETTINGS].limits.posts_per_socket
     if post_id not in conn.posts and len(conn.posts) >= limit:
         return _send_error(conn, "too_many_posts", f"a socket may watch at most {limit} posts")

@@ -11,7 +11,8 @@ streams:
   that follows the post, this one included: local viewers get comments from the stream too, so
   every viewer of a post sees one order.
 * `history` answers where a stream is, and what it holds after a position, if it still does.
-* `recent` lists the comments of a GET window the history holds (for GET on any node).
+* `recent` lists the comments of a GET window the history holds, `taken_down` the ones its
+  deletions took down (for GET on any node).
 * Publications reach `StreamListener.on_publication` in stream order per post (Pub/Sub keeps
   order per connection), but may be lost with a connection; the broker then calls
   `on_stream_gap` for the posts it follows, and the hub fills the gap from `history`.
@@ -105,6 +106,10 @@ class Broker(Protocol):
     ) -> list[bytes]:
         """Comment JSON the post's history holds: the oldest `limit` with an id after `after`,
         or the newest `limit` (with an id before `before`, if given). Raises
+        `BrokerUnavailable`."""
+
+    async def taken_down(self, post_id: str) -> set[int]:
+        """Ids of the post's comments whose deletion the history holds. Raises
         `BrokerUnavailable`."""
 
     def on_reconnect(self, callback: ReconnectCallback) -> None:
@@ -206,6 +211,9 @@ class MemoryBroker:
         self, post_id: str, after: int | None, before: int | None, limit: int
     ) -> list[bytes]:
         return []  # one node: everything in its history is in its own queue or database
+
+    async def taken_down(self, post_id: str) -> set[int]:
+        return set()  # the same: its queue and database know every deletion
 
     def _stream(self, post_id: str) -> _Stream:
         self._calls += 1

@@ -37,6 +37,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_UNSUPPORTED_DATA = 1003  # binary frame
 CLOSE_ABNORMAL = 1006  # never sent: what the peer sees when we cut the TCP connection
+CLOSE_POLICY_VIOLATION = 1008  # the client broke a limit (frames per second)
 CLOSE_INTERNAL_ERROR = 1011  # the server could not write to this socket
 CLOSE_SERVICE_RESTART = 1012  # this node is draining: reconnect (elsewhere) with your positions
 CLOSE_SLOW_CONSUMER = 4008  # outbox overflowed: reconnect and catch up

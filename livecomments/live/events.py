@@ -118,6 +118,14 @@ def unsubscribed(post_id: str) -> bytes:
     return orjson.dumps({"type": "unsubscribed", "post_id": post_id})
 
 
+def authenticated(sub: str | None, moderator: bool, expires_at: float | None) -> bytes:
+    """`{"type":"authenticated","sub":S,"moderator":B,"expires_at":T}`: the socket's token was
+    taken (T: Unix seconds, null for none)."""
+    return orjson.dumps(
+        {"type": "authenticated", "sub": sub, "moderator": moderator, "expires_at": expires_at}
+    )
+
+
 def error(code: str, message: str) -> bytes:
     """Bad input on this socket; it stays open."""
     return orjson.dumps({"type": "error", "code": code, "message": message})

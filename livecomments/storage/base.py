@@ -102,6 +102,9 @@ class Streams(Protocol):
         """Comment JSON the post's stream history holds: the oldest `limit` after `after`, or
         the newest `limit` (before `before`, if given)."""
 
+    async def taken_down(self, post_id: str) -> set[int]:
+        """Ids of the post's comments whose deletion the stream history holds."""
+
 
 class LeasingStore(CommentStore, LeaseStore, Protocol):
     """A store that also holds the instance-id leases (both backends are)."""

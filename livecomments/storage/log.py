@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from livecomments import metrics
 from livecomments.backoff import Backoff
@@ -107,10 +108,15 @@ class DurableLog:
         # The stream and the queue first, then the database: a comment flushed while the
         # database read is in flight is gone from the queue, and only a read that starts after
         # the flush is sure to see it in the database. (The other order lost it.)
-        recent = await self._recent(query)
+        recent, streamed_gone = await asyncio.gather(
+            self._recent(query), self._taken_down(query.post_id)
+        )
         queued = self.queue.rows.page(query.post_id, query.limit + 1, query.before, query.after)
+        # Deletions the database may not have yet take rows from its window: ask for as many
+        # more as they could take.
+        gone = streamed_gone | self.queue.rows.deleting(query.post_id)
         try:
-            stored = await self.store.page(query)
+            stored = await self.store.page(replace(query, limit=query.limit + len(gone)))
         except Exception as e:
             # Not recorded as the store's health: the flusher owns that, and one slow read is
             # not the database being down.
@@ -121,7 +127,6 @@ class DurableLog:
         # What the database lists has no tombstone; what it does not list (another instance's
         # history, our queue) may have one: a deletion flushed before its comment.
         unlisted = [i for i in merged if i not in {c.id for c in stored}]
-        gone = set(self.queue.rows.deleting(query.post_id))
         if unlisted:
             try:
                 gone |= await self.store.deleted_among(query.post_id, unlisted)
@@ -135,7 +140,9 @@ class DurableLog:
         """A comment of the post wherever it is now (this queue, the database, the stream's
         history), and whether it is deleted; None if it is nowhere. StoreUnavailable if the
         database cannot say."""
-        deleted_here = comment_id in self.queue.rows.deleting(post_id)
+        deleted_here = comment_id in self.queue.rows.deleting(post_id) or (
+            comment_id in await self._taken_down(post_id)
+        )
         payload = self.queue.rows.payload(comment_id)
         if payload is not None and not is_deletion(payload):
             comment = Comment.decode(payload)
@@ -146,15 +153,25 @@ class DurableLog:
         if found is not None:
             return found[0], found[1] or deleted_here
         recent = await self._recent(PageQuery(post_id, 1, before=comment_id + 1))
-        if recent and recent[-1].id == comment_id:
-            return recent[-1], deleted_here
-        return None
+        match = next((c for c in recent if c.id == comment_id), None)  # recent is unordered
+        return None if match is None else (match, deleted_here)
 
     async def _get(self, post_id: str, comment_id: int) -> tuple[Comment, bool] | None:
         try:
             return await self.store.get(post_id, comment_id)
         except Exception as e:
             raise StoreUnavailable(str(e)) from e
+
+    async def _taken_down(self, post_id: str) -> set[int]:
+        """The stream history's deletions (published, maybe not stored yet); none if the
+        post's shard does not answer (the tombstone reaches the database meanwhile)."""
+        if self.streams is None:
+            return set()
+        try:
+            return await self.streams.taken_down(post_id)
+        except ConnectionError as e:
+            log.debug("deletions of %s without the stream's history: %s", post_id, e)
+            return set()
 
     async def _recent(self, query: PageQuery) -> list[Comment]:
         """The stream history's part of a page. If the post's shard does not answer, the page

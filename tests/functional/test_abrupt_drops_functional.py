@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from livecomments.api.app import create_app
 from livecomments.api.keys import CONNS
 from livecomments.config import load_settings
-from tests.support.server import ServerProcess
+from tests.support.server import LIMITS_OFF, ServerProcess
 
 ROUND = 2000
 
@@ -98,6 +98,7 @@ async def test_a_dropped_socket_is_freed_without_the_garbage_collector(tmp_path)
         {
             "LIVECOMMENTS_STORE_URL": f"sqlite:///{tmp_path}/c.db",
             "LIVECOMMENTS_QUEUE_DIR": str(tmp_path / "queue"),
+            **LIMITS_OFF,  # 300 sockets from one address at once
         },
     )
     app = create_app(settings)

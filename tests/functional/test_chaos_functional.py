@@ -211,11 +211,13 @@ async def test_every_viewer_gets_every_acknowledged_comment_once_in_order_under_
                 assert viewer.offset_violations == [], viewer.name
                 reloads = sum(len(viewer.reloads(p)) for p in viewer.post_ids)
                 report.append((reloads, len(viewer.connections)))
+            reappended = sum(len(v.reappended) for v in viewers)
             print(
                 f"chaos: {len(acked.ids)} acknowledged of {acked.attempts} attempts "
                 f"({acked.refused} refused or failed); faults: {log}; "
                 f"reloads per viewer {[r for r, _ in report]}; "
-                f"connections per viewer {[c for _, c in report]}"
+                f"connections per viewer {[c for _, c in report]}; "
+                f"comments applied again in a later epoch (shown once) {reappended}"
             )
             assert len(acked.ids) > RATE * LOAD_SECONDS * 0.5
         finally:

@@ -27,8 +27,19 @@ class Socket:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, http: aiohttp.ClientSession, server: ServerProcess, query: str) -> Socket:
-        return cls(await http.ws_connect(f"{server.ws_url}?{query}"))
+    async def open(
+        cls, http: aiohttp.ClientSession, server: ServerProcess, query: str = "", **options: Any
+    ) -> Socket:
+        """`options` go to ws_connect (headers=..., for an Origin or an Authorization)."""
+        return cls(await http.ws_connect(f"{server.ws_url}?{query}", **options))
+
+    async def send(self, **event: Any) -> None:
+        await self.ws.send_str(json.dumps(event))
+
+    async def closed(self) -> int | None:
+        """Wait (with the deadline) for the server to close the socket; its close code."""
+        await asyncio.wait_for(asyncio.shield(self._reader), DEADLINE)
+        return self.ws.close_code
 
     async def _read(self) -> None:
         async for msg in self.ws:
@@ -56,15 +67,29 @@ class Socket:
         await self._reader
 
 
-async def post(http: aiohttp.ClientSession, server: ServerProcess, post_id: str, text: str) -> str:
-    body = {"post_id": post_id, "uid": "u", "message": text}
-    async with http.post(f"{server.url}/v1/comments", json=body) as r:
+async def post(
+    http: aiohttp.ClientSession,
+    server: ServerProcess,
+    post_id: str,
+    text: str,
+    headers: dict[str, str] | None = None,
+) -> str:
+    body = {"post_id": post_id, "message": text}
+    if headers is None:
+        body["uid"] = "u"  # open mode; with a token, the token's sub
+    async with http.post(f"{server.url}/v1/comments", json=body, headers=headers) as r:
         assert r.status == 201, await r.text()
         comment_id: str = (await r.json())["comment"]["id"]
         return comment_id
 
 
-async def listed(http: aiohttp.ClientSession, server: ServerProcess, post_id: str) -> list[str]:
-    async with http.get(f"{server.url}/v1/comments", params={"post_id": post_id}) as r:
+async def listed(
+    http: aiohttp.ClientSession,
+    server: ServerProcess,
+    post_id: str,
+    headers: dict[str, str] | None = None,
+) -> list[str]:
+    params = {"post_id": post_id}
+    async with http.get(f"{server.url}/v1/comments", params=params, headers=headers) as r:
         assert r.status == 200, await r.text()
         return [c["id"] for c in (await r.json())["comments"]]

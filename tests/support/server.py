@@ -19,6 +19,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The rate limits are on by default (config.toml) at values a small site lives with; most tests
+# post and connect far faster, from one address, as one author. They run with the limits off,
+# and the tests of the limits (tests/functional/test_limits_functional.py) turn them on by
+# passing their own values, which win.
+LIMITS_OFF = {
+    "LIVECOMMENTS_LIMITS_COMMENTS_PER_MINUTE": "0",
+    "LIVECOMMENTS_LIMITS_WS_PER_IP": "0",
+    "LIVECOMMENTS_LIMITS_WS_CONNECTS_PER_IP_PER_SECOND": "0",
+    "LIVECOMMENTS_LIMITS_FRAMES_PER_SECOND": "0",
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,6 +72,7 @@ class ServerProcess:
                 "LIVECOMMENTS_STORE_URL": f"sqlite:///{self.data_dir}/comments.db",
                 "LIVECOMMENTS_QUEUE_DIR": str(self.data_dir / "queue"),
                 "LIVECOMMENTS_LOG_LEVEL": "INFO",
+                **LIMITS_OFF,
             }
         )
         env.update(self.extra_env)

@@ -42,9 +42,12 @@ What it proves (read after `stop()`, or while it runs):
 
 - `duplicates`: ids shown twice (a UI appends each shown comment once; dedupe is by id): must
   stay empty.
-- `redelivered`: an id applied again at a *different* position than before (the server sent one
-  comment under two offsets). An id first shown by a reload or with a `null` offset and then
-  applied with an offset is normal and not counted.
+- `redelivered`: an id applied again at a *different* offset of the same epoch (the server sent
+  one comment under two offsets of one stream). An id first shown by a reload or with a `null`
+  offset and then applied with an offset is normal and not counted. So is an id applied again
+  in a *later* epoch (`reappended`): when a stream's history is lost, the outbox appends again
+  the comments that history held and the database did not have yet (storage/publisher.py), so
+  that every instance's GET still finds them; a client shows each id once.
 - `offset_violations`: a jump it applied within one epoch. It never applies one (it resubscribes
   instead), so this is a self-check of this client.
 - `log`: every event it applied `(epoch, offset, id)` in order, every gap, resubscribe, reload,
@@ -192,6 +195,7 @@ class Viewer:
         self.posts = {p: PostState(p) for p in self.post_ids}
         self.log: list[LogEntry] = []
         self.redelivered: list[Redelivery] = []
+        self.reappended: list[Redelivery] = []
         self.offset_violations: list[OffsetViolation] = []
         self.connections: list[str] = []  # the base URL of each socket that opened, in order
         self.base: str | None = None  # the current socket's base URL
@@ -551,7 +555,8 @@ class Viewer:
         if comment is not None:  # a delete names a comment's id; it is not a redelivery
             first = state.positioned.get(cid)
             if first is not None and first != (epoch, offset):
-                self.redelivered.append(Redelivery(state.post_id, cid, first, (epoch, offset)))
+                again = Redelivery(state.post_id, cid, first, (epoch, offset))
+                (self.redelivered if first[0] == epoch else self.reappended).append(again)
             state.positioned[cid] = (epoch, offset)
         self._show_or_delete(state, cid, comment)
         if comment is None:

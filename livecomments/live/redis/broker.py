@@ -130,6 +130,9 @@ class RedisBroker:
     ) -> list[bytes]:
         return await self._shard(post_id).recent(post_id, after, before, limit)
 
+    async def taken_down(self, post_id: str) -> set[int]:
+        return await self._shard(post_id).taken_down(post_id)
+
     def status(self) -> dict[str, object]:
         shards = [shard.status() for shard in self._shards.values()]
         healthy = all(shard.connected for shard in self._shards.values())

@@ -249,7 +249,7 @@ class RedisShard:
         low = "-" if after is None else "(" + streams.padded(after) + ";"
         high = "+" if before is None else "(" + streams.padded(before)
         newest = "0" if after is not None else "1"
-        _, s, i = streams.keys(post_id)
+        _, s, i, _ = streams.keys(post_id)
         try:
             async with asyncio.timeout(self.settings.timeout):
                 bodies: list[bytes] = await self._guarded(
@@ -258,6 +258,15 @@ class RedisShard:
         except (RedisError, OSError, TimeoutError) as e:
             raise ShardUnavailable(f"redis {self.name}: recent: {e}") from e
         return bodies
+
+    async def taken_down(self, post_id: str) -> set[int]:
+        x = streams.keys(post_id)[3]
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                ids = await self._client.zrange(x, 0, -1)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise ShardUnavailable(f"redis {self.name}: taken down: {e}") from e
+        return {int(i) for i in ids if isinstance(i, bytes | str)}
 
     # -- status --------------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ Per post, on its shard (TTLs refreshed by every write; positions outlive histori
   and `d` (body); trimmed to about `history.size` entries. TTL `history.ttl`.
 * `livecomments:{P}:i`: a sorted set by lexical order, `<20-digit comment id>:<offset>`: which
   comment has which offset (the append's dedupe, and GET's window by id). Trimmed with `:s`.
+* `livecomments:{P}:x`: a sorted set of the comment ids deleted in this epoch (by offset), so
+  that GET on every instance stops listing a comment as soon as its deletion is published,
+  before any database has the tombstone. Trimmed to `history.size`. TTL `history.ttl`.
 
 APPEND is one atomic step per comment: if its id is in `:i` it returns the offset it got then and
 publishes nothing (the outbox may repeat an append after a crash); otherwise it creates the
@@ -22,7 +25,7 @@ from __future__ import annotations
 ID_DIGITS = 20  # a comment id, zero-padded: lexical order is numeric order
 
 APPEND = """
-local m, s, i = KEYS[1], KEYS[2], KEYS[3]
+local m, s, i, x = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, id, kind, body, candidate = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local size, ttl, meta_ttl = tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local epoch = redis.call('HGET', m, 'epoch')
@@ -33,15 +36,22 @@ if epoch then
   end
 else
   epoch = candidate
-  redis.call('DEL', s, i)
+  redis.call('DEL', s, i, x)
   local t = redis.call('TIME')
   redis.call('HSET', m, 'epoch', epoch, 'offset', 0, 'at', t[1] * 1000 + math.floor(t[2] / 1000))
 end
 local offset = redis.call('HINCRBY', m, 'offset', 1)
 if kind == 'd' then
-  -- A deletion: its comment leaves the index, so GET's RECENT no longer lists it.
+  -- A deletion: its comment leaves the index (RECENT no longer lists it) and joins :x (GET
+  -- leaves it out wherever else it finds it: a queue, a database without the tombstone yet).
   local target = string.rep('0', 20 - #body) .. body
   redis.call('ZREMRANGEBYLEX', i, '[' .. target .. ':', '[' .. target .. ';')
+  redis.call('ZADD', x, offset, body)
+  local deleted = redis.call('ZCARD', x)
+  if deleted > size then
+    redis.call('ZREMRANGEBYRANK', x, 0, deleted - size - 1)
+  end
+  redis.call('PEXPIRE', x, ttl)
 end
 redis.call('XADD', s, 'MAXLEN', '~', size, offset .. '-0', 'k', kind, 'd', body)
 redis.call('ZADD', i, 0, id .. ':' .. offset)
@@ -64,7 +74,7 @@ local since, limit, candidate, meta_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), 
 local epoch = redis.call('HGET', m, 'epoch')
 if not epoch then
   epoch = candidate
-  redis.call('DEL', s, KEYS[3])
+  redis.call('DEL', s, KEYS[3], KEYS[4])
   local t = redis.call('TIME')
   redis.call('HSET', m, 'epoch', epoch, 'offset', 0, 'at', t[1] * 1000 + math.floor(t[2] / 1000))
 end
@@ -118,9 +128,9 @@ return out
 
 
 def keys(post_id: str) -> list[str]:
-    """The position, stream and index keys of a post, in the scripts' KEYS order."""
+    """The position, stream, index and deleted-ids keys of a post, in the scripts' KEYS order."""
     base = f"livecomments:{{{post_id}}}:"
-    return [base + "m", base + "s", base + "i"]
+    return [base + "m", base + "s", base + "i", base + "x"]
 
 
 def padded(comment_id: int) -> str:

@@ -1,12 +1,15 @@
-"""The `[auth]` section of the settings: its keys and the rules that tie them together.
+"""Whom the service trusts, as settings: the `[auth]` section and `[http]`'s origins and
+proxies, with the rules that tie their keys together.
 
-It extends config.py (which builds it, range-checks `leeway` and `delete_window`, and resolves a
-relative `public_key` path like `queue.dir`) and lives beside it so that neither outgrows its
-room. What the keys do is api/auth.py's business; `config.toml` documents each one.
+It extends config.py (which builds the sections, range-checks `leeway` and `delete_window`, and
+resolves a relative `public_key` path like `queue.dir`) and lives beside it so that neither
+outgrows its room. What the keys do is api/auth.py's, api/origins.py's and api/peer.py's
+business; `config.toml` documents each one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -95,3 +98,36 @@ def _check_jwks_url(jwks_url: str) -> None:
     local = url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
     if not (url.scheme == "https" and url.hostname) and not local:
         raise ValueError("auth.jwks_url: must be https://host/... (http:// only to localhost)")
+
+
+def check_origins(origins: list[str]) -> None:
+    """`http.allowed_origins`: "*" alone, or origins as browsers send them (scheme://host[:port],
+    no path): anything else would never match, silently."""
+    if "*" in origins and len(origins) > 1:
+        raise ValueError('http.allowed_origins: "*" allows every origin; list nothing beside it')
+    for origin in origins:
+        if origin == "*":
+            continue
+        url = urlsplit(origin)
+        if (
+            url.scheme not in ("http", "https")
+            or not url.hostname
+            or url.path
+            or url.query
+            or url.fragment
+            or origin != origin.lower()
+        ):
+            raise ValueError(
+                f"http.allowed_origins: expected scheme://host[:port] in lower case, got {origin!r}"
+            )
+
+
+def check_proxies(proxies: list[str]) -> None:
+    """`http.trusted_proxies`: addresses or networks (CIDR)."""
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"http.trusted_proxies: expected an address or a network, got {proxy!r}"
+            ) from None
