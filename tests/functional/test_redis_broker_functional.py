@@ -36,7 +36,7 @@ from livecomments.live.redis import streams, sweep
 from livecomments.live.redis.broker import RedisBroker
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, ShardUnavailable
 from livecomments.live.redis.ring import Ring
-from livecomments.model.stream import COMMENT, Entry, Position, Publication
+from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
 from tests.support.redis_servers import DeafeningProxy, RedisServer, RedisServers, redis_servers
 from tests.support.server import free_port
 from tests.support.wait import wait_for
@@ -1102,6 +1102,9 @@ async def test_a_server_removed_while_stopped_and_added_back_continues_none_of_i
     (left,) = await broker.append([comment(1, post)])
     assert left is not None and epoch_on(b, post) == left.epoch
     assert None not in await broker.append([comment(10 + i, p) for i, p in enumerate(others)])
+    # One of them with a deletion: its deleted-ids key (:x) is one of its keys too.
+    assert None not in await broker.append([Entry(99, others[0], DELETE, b"10")])
+    assert b.command("EXISTS", streams.keys(others[0])[3]) == 1
     failures = failed_sweeps()
 
     b.pause()

@@ -17,8 +17,8 @@ stale epoch risks a silent miss. Where the two cannot be told apart, we delete.
 
 **The guard** (hot path, only while needed). From the moment this node applies a change until
 its sweep of S completes, every APPEND, HISTORY and RECENT of a post that a pending change moved
-onto S is preceded, in the same pipeline, by `DROP_STALE`: one atomic script that unlinks the
-post's `:m/:s/:i` if its epoch is older than the rule allows (`max_age_ms`). So a stale epoch is
+onto S is preceded, in the same pipeline, by `DROP_STALE`: one atomic script that unlinks all
+the post's keys if its epoch is older than the rule allows (`max_age_ms`). So a stale epoch is
 never served, from the first request after the reload, however far the sweep has got: the sweep
 lets the guard stop, it does not make the rule hold. Other posts pay a ring lookup (about a
 microsecond) while a change is pending, nothing after.
@@ -104,8 +104,8 @@ Reason = Literal["moved_away", "stale", "retired"]
 REASONS: tuple[Reason, ...] = ("moved_away", "stale", "retired")
 SweepState = Literal["waiting", "sweeping", "retrying", "done", "failed"]
 
-# KEYS: the post's m, s, i. ARGV[1]: the oldest, in ms, an epoch may be and still be continued.
-# Unlinks the three keys if `:m` is older (or has no `at`); returns 1 if it did.
+# KEYS: the post's keys, `:m` first (streams.keys). ARGV[1]: the oldest, in ms, an epoch may be
+# and still be continued. Unlinks every key if `:m` is older (or has no `at`); 1 if it did.
 DROP_STALE = """
 local at = redis.call('HGET', KEYS[1], 'at')
 if at then
@@ -116,7 +116,7 @@ if at then
 elseif redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
+redis.call('UNLINK', unpack(KEYS))
 return 1
 """
 
