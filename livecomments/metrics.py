@@ -134,6 +134,17 @@ REDIS_PROBE_FAILURES = Counter(
 REDIS_RING_MOVES = Counter(
     "livecomments_redis_ring_moves", "Local posts moved to another Redis server by a ring change."
 )
+REDIS_RING_SWEPT = Counter(
+    "livecomments_redis_ring_swept_posts",
+    "Posts whose keys a ring sweep deleted from a Redis server, by reason: moved_away (the ring "
+    "maps the post elsewhere), stale (an epoch from before the post moved back), retired (the "
+    "server left the ring).",
+    ["reason"],
+)
+REDIS_RING_SWEEP_FAILURES = Counter(
+    "livecomments_redis_ring_sweep_failures",
+    "Ring sweeps of one Redis server given up after their retries (logged).",
+)
 REDIS_SHARD_UP = Gauge(
     "livecomments_redis_shard_up", "1 while the shard's Pub/Sub session is up, by shard.", ["shard"]
 )

@@ -9,7 +9,9 @@ What is checked, in the words of live/broker.py: each post's stream is numbered 
 appending one included); publications reach every node's listener in offset order, each once;
 whenever Pub/Sub may have lost some (a session that came back, a late subscribe confirmation,
 a ring change), the broker says so with `on_stream_gap`, and the history says what was missed
-or that the epoch changed.
+or that the epoch changed. After a ring change, the sweeper (live/redis/sweep.py) leaves on each
+shard only what may be continued: a post that comes back to a shard never resumes its old
+epoch there, and a post that never moved keeps its own.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from livecomments.config import HistorySettings, RedisSettings
 from livecomments.live.broker import BrokerUnavailable, History, StreamListener
 from livecomments.live.hub import Hub
-from livecomments.live.redis import streams
+from livecomments.live.redis import streams, sweep
 from livecomments.live.redis.broker import RedisBroker
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, ShardUnavailable
 from livecomments.live.redis.ring import Ring
-from livecomments.model.stream import COMMENT, Entry, Position, Publication
+from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
 from tests.support.redis_servers import DeafeningProxy, RedisServer, RedisServers, redis_servers
 from tests.support.server import free_port
 from tests.support.wait import wait_for
@@ -745,13 +749,6 @@ async def test_a_ring_change_moves_posts_to_a_new_epoch_and_reports_them(
         await receiver.reconfigure(RedisSettings(urls=[]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="production bug: a post moved back to a shard that still holds its old position "
-    "continues that epoch (APPEND/HISTORY keep an existing epoch), so a client away meanwhile "
-    "is told `recovered` and misses what was published on the other shard; not a local fix "
-    "(the shard cannot tell a post that stayed from one that left and came back)",
-)
 async def test_a_post_moved_back_to_its_old_shard_starts_a_new_epoch(
     redis_nodes: RedisServers, make_broker: MakeBroker
 ):
@@ -952,3 +949,378 @@ async def test_race_many_concurrent_joins_and_leaves_keep_redis_in_step(gated_hu
         if hub.subscribers(post):
             assert numsub(server, post) == 1
     await wait_for(in_step, DEADLINE, "Redis subscriptions matching local subscribers")
+
+
+# -- ring sweeps (live/redis/sweep.py) -----------------------------------------------------------
+
+SWEPT = 20.0  # a sweep of a few thousand posts ends well within this
+
+
+def ring_settings(urls: list[str], **settings: Any) -> RedisSettings:
+    return RedisSettings(urls=urls, **{"probe_interval": CALM_PROBE, "timeout": 2.0, **settings})
+
+
+def quick_retries(broker: RedisBroker, attempts: int) -> None:
+    """A sweep's retries tenths of a second apart, not seconds: the tests wait for them."""
+    broker.sweeper.attempts = attempts
+    broker.sweeper.retry_base = 0.05
+    broker.sweeper.retry_cap = 0.2
+
+
+async def swept(broker: RedisBroker) -> dict[str, dict[str, Any]]:
+    """Wait for the broker's sweep to end; each shard's sweep status, by URL."""
+    await wait_for(lambda: not broker.sweeper.sweeping, SWEPT, "the ring sweep")
+    shards: list[dict[str, Any]] = broker.sweeper.status()["shards"]  # type: ignore[assignment]
+    return {shard["url"]: shard for shard in shards}
+
+
+def positions_on(server: RedisServer) -> set[str | None]:
+    """The posts that have a position (`:m`) on the server."""
+    with server.client() as c:
+        return {sweep.post_of_key(k) for k in c.scan_iter(match=sweep.MATCH, count=1000)}
+
+
+def epoch_on(server: RedisServer, post: str) -> str | None:
+    epoch = server.command("HGET", streams.keys(post)[0], "epoch")
+    return None if epoch is None else epoch.decode()
+
+
+def failed_sweeps() -> float:
+    return REGISTRY.get_sample_value("livecomments_redis_ring_sweep_failures_total") or 0.0
+
+
+def swept_posts(reason: str) -> float:
+    name = "livecomments_redis_ring_swept_posts_total"
+    return REGISTRY.get_sample_value(name, {"reason": reason}) or 0.0
+
+
+MakeHub = Callable[..., Awaitable[tuple[Hub, RedisBroker]]]
+
+
+@pytest.fixture
+async def make_hub() -> AsyncIterator[MakeHub]:
+    """A real Hub over a real RedisBroker: a node whose viewers are Watchers."""
+    hubs: list[Hub] = []
+
+    async def make(urls: list[str], **settings: Any) -> tuple[Hub, RedisBroker]:
+        broker = RedisBroker(ring_settings(urls, **settings), HistorySettings())
+        hub = Hub(broker)
+        await hub.start()
+        hubs.append(hub)
+        await wait_for(lambda: broker.status()["status"] == "ok", DEADLINE, "broker up")
+        return hub, broker
+
+    yield make
+    await asyncio.gather(*(hub.stop() for hub in hubs))
+
+
+def numbers(watcher: Watcher) -> list[int]:
+    """The `n` of every comment the watcher was given, in order."""
+    return [e["comment"]["n"] for e in watcher.of("comment")]
+
+
+@pytest.mark.parametrize("sweeps", ["done", "unreachable"])
+async def test_a_post_back_from_another_shard_gets_its_viewers_a_reset_never_recovered(
+    redis_nodes: RedisServers, make_broker: MakeBroker, make_hub: MakeHub, sweeps: str
+):
+    """A -> B -> A, through the hub: a server added, then removed again. A viewer away the whole
+    time comes back with its position on A: it must be told to reload, not `recovered` (it
+    missed what was published on B). A viewer that stayed sees every comment once, and one
+    reset per move. `unreachable`: no sweep ever reaches a shard, so the guard alone (DROP_STALE
+    before each script) must keep the promise; `done`: the sweeps run to the end in between."""
+    a, b = (server.url for server in redis_nodes.start(2))
+    post = next(p for p in (f"trip-{i}" for i in range(999)) if Ring([a, b]).node_for(p) == b)
+    sender, _ = await make_broker([a])
+    hub, receiver = await make_hub([a])
+    nodes = [sender, receiver]
+    if sweeps == "unreachable":
+        nowhere = f"redis://127.0.0.1:{free_port()}/0"
+        for node in nodes:
+            quick_retries(node, attempts=1)
+            node.sweeper.connect = lambda url: Redis.from_url(nowhere, protocol=2)
+    stayed, away = Watcher(), Watcher()
+    await hub.subscribe(stayed, post, None)
+    await hub.subscribe(away, post, None)
+    n = 0
+
+    async def publish(count: int) -> None:
+        """Comments appended by the other node, heard through Redis."""
+        nonlocal n
+        for _ in range(count):
+            n += 1
+            body = b'{"n":%d}' % n
+            assert (await sender.append([comment(n, post, body)]))[0] is not None
+        await wait_for(lambda: n in numbers(stayed), DEADLINE, f"comment {n}")
+
+    await publish(2)
+    (subscribed,) = away.of("subscribed")
+    left = Position(subscribed["epoch"], away.offsets()[-1])
+    assert left.offset == 2
+    await hub.unsubscribe(away, post)
+
+    for urls in ([a, b], [a]):  # out to B, and back
+        resets = len(stayed.of("reset"))
+        for node in nodes:
+            await node.reconfigure(ring_settings(urls))
+        await wait_for(lambda r=resets: len(stayed.of("reset")) > r, DEADLINE, "the move's reset")
+        if sweeps == "done":
+            for node in nodes:
+                await swept(node)
+                assert node.sweeper.status()["pending"] == {}
+        else:
+            assert receiver.sweeper.status()["pending"]  # the sweeps failed: still guarded
+        await publish(2)
+
+    # The stayed viewer: every comment once, in order; a reset at each move, each a new epoch.
+    assert numbers(stayed) == [1, 2, 3, 4, 5, 6]
+    reset_epochs = [e["epoch"] for e in stayed.of("reset")]
+    assert len(reset_epochs) == 2 and len({left.epoch, *reset_epochs}) == 3
+    offsets = [e["offset"] for e in stayed.events if e["type"] in ("comment", "reset")]
+    assert offsets == [1, 2, 0, 1, 2, 0, 1, 2]
+    # The away viewer: its epoch is gone for good; told to reload, from the current position.
+    back = Watcher()
+    await hub.subscribe(back, post, left)
+    (answer,) = back.of("subscribed")
+    assert answer["recovered"] is False
+    assert (answer["epoch"], answer["offset"]) == (reset_epochs[-1], 2)
+    history = await sender.history(post, left)
+    assert not history.complete and history.position == Position(reset_epochs[-1], 2)
+
+
+@pytest.mark.fault
+async def test_a_server_removed_while_stopped_and_added_back_continues_none_of_its_positions(
+    redis_nodes: RedisServers, make_broker: MakeBroker
+):
+    """Removed from the ring while it did not answer (its removal sweep gives up, so it keeps
+    every key), then added back: the change that adds it makes every epoch it kept stale. The
+    guard drops the one asked for at once; the sweep drops the rest."""
+    a, b = redis_nodes.start(2)
+    broker, _ = await make_broker([a.url, b.url], timeout=0.5)
+    quick_retries(broker, attempts=2)
+    on_b = [p for p in (f"gone-{i}" for i in range(200)) if broker.ring.node_for(p) == b.url]
+    post, others = on_b[0], on_b[1:10]
+    (left,) = await broker.append([comment(1, post)])
+    assert left is not None and epoch_on(b, post) == left.epoch
+    assert None not in await broker.append([comment(10 + i, p) for i, p in enumerate(others)])
+    # One of them with a deletion: its deleted-ids key (:x) is one of its keys too.
+    assert None not in await broker.append([Entry(99, others[0], DELETE, b"10")])
+    assert b.command("EXISTS", streams.keys(others[0])[3]) == 1
+    failures = failed_sweeps()
+
+    b.pause()
+    try:
+        started = time.monotonic()
+        await broker.reconfigure(ring_settings([a.url], timeout=0.5))
+        assert time.monotonic() - started < 1.5, "the reload waited for the sweep"
+        (while_away,) = await broker.append([comment(2, post)])
+        assert while_away is not None and while_away.epoch != left.epoch
+        sweeps = await swept(broker)
+        assert sweeps[b.url]["retired"] and sweeps[b.url]["state"] == "failed"
+        assert sweeps[b.url]["attempts"] == 2 and "Timeout" in sweeps[b.url]["last_error"]
+        assert sweeps[a.url]["state"] == "done"
+        assert failed_sweeps() == failures + 1
+    finally:
+        b.resume()
+    assert epoch_on(b, post) == left.epoch  # kept: nobody could delete it
+
+    await broker.reconfigure(ring_settings([a.url, b.url], timeout=0.5))
+    history = await broker.history(post, left)
+    assert not history.complete, f"{history.position} continues {left}"
+    assert history.position.epoch not in (left.epoch, while_away.epoch)
+    (again,) = await broker.append([comment(3, post)])
+    assert again == Position(history.position.epoch, 1)
+    sweeps = await swept(broker)
+    assert sweeps[b.url]["state"] == sweeps[a.url]["state"] == "done"
+    assert positions_on(b) == {post}  # the others' stale epochs are gone, the new one stays
+    for other in others:
+        assert b.command("EXISTS", *streams.keys(other)) == 0
+    assert positions_on(a) == set()  # the post left A again
+    assert epoch_on(b, post) == again.epoch
+
+
+async def test_posts_that_stay_on_their_shard_keep_their_epoch_across_ring_changes(
+    redis_nodes: RedisServers, make_broker: MakeBroker, make_hub: MakeHub
+):
+    """A server added and removed again: the posts it never carried are untouched (same epoch,
+    offsets go on, no reset, their keys where they were); the posts that went and came back
+    reset once per move."""
+    urls = [s.url for s in redis_nodes.start(3)]
+    sender, _ = await make_broker(urls[:2])
+    hub, receiver = await make_hub(urls[:2])
+    posts = [f"stay-{i}" for i in range(40)]
+    old, new = Ring(urls[:2]), Ring(urls)
+    moved = {p for p in posts if old.node_for(p) != new.node_for(p)}
+    assert 3 < len(moved) < 30
+    watchers = {p: Watcher() for p in posts}
+    for post, watcher in watchers.items():
+        await hub.subscribe(watcher, post, None)
+    first = await sender.append([comment(i, p, b'{"n":1}') for i, p in enumerate(posts)])
+    await wait_for(
+        lambda: all(numbers(w) == [1] for w in watchers.values()), DEADLINE, "first comments"
+    )
+
+    for ring in (urls, urls[:2]):
+        for node in (sender, receiver):
+            await node.reconfigure(ring_settings(ring))
+        for node in (sender, receiver):
+            await swept(node)
+    latest = await sender.append([comment(100 + i, p, b'{"n":2}') for i, p in enumerate(posts)])
+    await wait_for(
+        lambda: all(numbers(w) == [1, 2] for w in watchers.values()), DEADLINE, "second comments"
+    )
+    await wait_for(
+        lambda: all(len(watchers[p].of("reset")) == 2 for p in moved), DEADLINE, "moves' resets"
+    )
+    servers = {s.url: s for s in redis_nodes.servers}
+    old = Ring(urls[:2])
+    for post, before, after in zip(posts, first, latest, strict=True):
+        assert before is not None and after is not None
+        if post in moved:
+            assert after.epoch != before.epoch and after.offset == 1
+        else:
+            assert after == Position(before.epoch, 2)
+            assert watchers[post].of("reset") == []
+            assert epoch_on(servers[old.node_for(post)], post) == before.epoch
+    assert positions_on(servers[urls[2]]) == set()  # left the ring: emptied
+
+
+async def test_a_sweep_of_thousands_of_posts_deletes_exactly_what_no_longer_belongs(
+    redis_nodes: RedisServers, make_broker: MakeBroker
+):
+    """5000 posts on two servers, a third added; that third one kept keys from an earlier
+    stay in a ring. After the sweep each server holds exactly the posts the new ring gives it,
+    minus the stale ones, in bounded time, and the reload did not wait for it."""
+    a, b, c = redis_nodes.start(3)
+    broker, _ = await make_broker([a.url, b.url])
+    posts = [f"many-{i}" for i in range(5000)]
+    assert None not in await broker.append([comment(i, p) for i, p in enumerate(posts)])
+    # What C kept: half from long ago, half written just now (by nodes already on the new
+    # ring, as far as anyone can tell: within the margin, so fresh).
+    earlier, _ = await make_broker([c.url])
+    kept_on_c = [f"earlier-{i}" for i in range(400)]
+    assert None not in await earlier.append([comment(i, p) for i, p in enumerate(kept_on_c)])
+    long_ago, lately = kept_on_c[::2], kept_on_c[1::2]
+    seconds, _ = c.command("TIME")
+    with c.client() as r, r.pipeline(transaction=False) as pipe:
+        for post in long_ago:
+            pipe.hset(streams.keys(post)[0], "at", (int(seconds) - 3600) * 1000)
+        pipe.execute()
+
+    old, new = Ring([a.url, b.url]), Ring([a.url, b.url, c.url])
+    counted = {r: swept_posts(r) for r in sweep.REASONS}
+    started = time.monotonic()
+    await broker.reconfigure(ring_settings([a.url, b.url, c.url]))
+    assert time.monotonic() - started < 1.0, "the reload waited for the sweep"
+    sweeps = await swept(broker)
+    took = time.monotonic() - started
+    assert took < 10.0, took
+
+    for server in (a, b):
+        mine = {p for p in posts if new.node_for(p) == server.url}
+        assert positions_on(server) == mine
+        gone = {p for p in posts if old.node_for(p) == server.url} - mine
+        assert sweeps[server.url]["dropped"] == {"moved_away": len(gone), "stale": 0, "retired": 0}
+        assert sweeps[server.url]["scanned"] == len(mine) + len(gone)
+        for post in list(gone)[:20]:
+            assert server.command("EXISTS", *streams.keys(post)) == 0  # :s and :i too
+    assert positions_on(c) == {p for p in lately if new.node_for(p) == c.url}
+    assert sweeps[c.url]["dropped"] == {
+        "moved_away": sum(1 for p in kept_on_c if new.node_for(p) != c.url),
+        "stale": sum(1 for p in long_ago if new.node_for(p) == c.url),
+        "retired": 0,
+    }
+    assert broker.sweeper.status()["pending"] == {}
+    for reason in sweep.REASONS:
+        assert swept_posts(reason) - counted[reason] == sum(
+            s["dropped"][reason] for s in sweeps.values()
+        )
+
+
+@pytest.mark.fault
+async def test_a_shard_down_during_the_sweep_does_not_stop_the_others(
+    redis_nodes: RedisServers, make_broker: MakeBroker
+):
+    """A, B, C -> A, B, D with C dead and B stopped in the middle of its sweep: A and D are
+    swept meanwhile, C is given up (logged, counted), and B's sweep resumes where it stopped
+    once B answers again."""
+    a, b, c, d = redis_nodes.start(4)
+    broker, _ = await make_broker([a.url, b.url, c.url], timeout=0.5)
+    sweeper = broker.sweeper
+    sweeper.scan_count, sweeper.pause = 20, 0.05  # a sweep of a few seconds: time to stop B
+    quick_retries(broker, attempts=10)
+    posts = [f"down-{i}" for i in range(600)]
+    assert None not in await broker.append([comment(i, p) for i, p in enumerate(posts)])
+    old, new = Ring([a.url, b.url, c.url]), Ring([a.url, b.url, d.url])
+
+    def stay_on(server: RedisServer) -> set[str | None]:
+        return {p for p in posts if old.node_for(p) == new.node_for(p) == server.url}
+
+    failures = failed_sweeps()
+
+    c.kill()
+    await broker.reconfigure(ring_settings([a.url, b.url, d.url], timeout=0.5))
+    await wait_for(
+        lambda: b.url in sweeper.sweeps and sweeper.sweeps[b.url].scanned > 0,
+        DEADLINE,
+        "B's sweep under way",
+        every=0.002,
+    )
+    b.pause()
+    try:
+        await wait_for(
+            lambda: sweeper.sweeps[a.url].state == sweeper.sweeps[d.url].state == "done",
+            DEADLINE,
+            "A and D swept",
+        )
+        await wait_for(lambda: sweeper.sweeps[c.url].state == "failed", DEADLINE, "C given up")
+        await wait_for(lambda: sweeper.sweeps[b.url].attempts >= 2, DEADLINE, "B retried")
+        assert sweeper.sweeps[b.url].state in ("sweeping", "retrying")
+        assert positions_on(a) == stay_on(a)
+    finally:
+        b.resume()
+    sweeps = await swept(broker)
+    assert sweeps[b.url]["state"] == "done" and sweeps[b.url]["attempts"] >= 2
+    assert positions_on(b) == stay_on(b)
+    assert sweeps[c.url]["retired"] and sweeps[c.url]["attempts"] == 10
+    assert failed_sweeps() == failures + 1
+    assert sweeper.status()["pending"] == {}
+
+
+async def test_a_rollback_in_the_middle_of_a_sweep_is_swept_as_well(
+    redis_nodes: RedisServers, make_broker: MakeBroker
+):
+    """A server added, and removed again while the first sweep is half done: that sweep stops
+    and the next covers both changes. The posts that went and came back leave no old epoch
+    behind (whether or not the first sweep had reached them), the others keep theirs, and no
+    sweep connection is left open."""
+    servers = redis_nodes.start(3)
+    urls = [s.url for s in servers]
+    broker, _ = await make_broker(urls[:2])
+    sweeper = broker.sweeper
+    sweeper.scan_count, sweeper.pause = 10, 0.02  # a sweep of a few seconds
+    posts = [f"roll-{i}" for i in range(600)]
+    assert None not in await broker.append([comment(i, p) for i, p in enumerate(posts)])
+    two, three = Ring(urls[:2]), Ring(urls)
+    stayed = {p for p in posts if two.node_for(p) == three.node_for(p)}
+    assert 100 < len(stayed) < len(posts) - 100
+
+    await broker.reconfigure(ring_settings(urls))
+    await wait_for(
+        lambda: any(s.dropped["moved_away"] for s in sweeper.sweeps.values()),
+        DEADLINE,
+        "the first sweep under way",
+        every=0.002,
+    )
+    assert sweeper.sweeping
+    await broker.reconfigure(ring_settings(urls[:2]))
+    assert sweeper.status()["pending"] == {urls[0]: 2, urls[1]: 2}
+    sweeps = await swept(broker)
+    assert sweeps[urls[0]]["state"] == sweeps[urls[1]]["state"] == "done"
+    assert positions_on(servers[0]) | positions_on(servers[1]) == stayed
+    assert sweeper.status()["pending"] == {}
+
+    def sweep_connections() -> int:
+        names = [s.command("CLIENT", "LIST").decode() for s in servers]
+        return sum(text.count(f"name=livecomments:{broker.node_id}:sweep") for text in names)
+
+    await wait_for(lambda: sweep_connections() == 0, DEADLINE, "sweep connections closed")

@@ -8,8 +8,11 @@ None for its entries (they stay in the outbox) without holding up the others.
 Ring changes (`reconfigure`, on SIGHUP): a post whose shard changed starts a new stream there (a
 new epoch: the old shard's history is not moved). Its subscription moves at once and the hub
 checks its position, so its viewers are told to reload once (`reset`). Shards no longer listed
-are stopped. Nodes should reload together: a comment appended by a node still on the old list
-reaches the moved post's viewers on the others by their reload, not live.
+are stopped. In the background, the sweeper (sweep.py) deletes what each shard no longer owns,
+and until it is done guards the moved posts: a post that comes back to a shard it left never
+continues the position it had there. Nodes should reload together: a comment appended by a
+node still on the old list reaches the moved post's viewers on the others by their reload, not
+live.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
+
+from redis.asyncio import Redis
 
 from livecomments import metrics
 from livecomments.config import HistorySettings, RedisSettings
@@ -30,7 +35,8 @@ from livecomments.live.broker import (
 )
 from livecomments.live.redis.pubsub import post_of
 from livecomments.live.redis.ring import Ring
-from livecomments.live.redis.shard import RedisShard
+from livecomments.live.redis.shard import RedisShard, connection_kwargs
+from livecomments.live.redis.sweep import RingSweeper
 from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -47,19 +53,25 @@ class RedisBroker:
         # Random per start: names this node's connections and probe channel.
         self.node_id = secrets.token_hex(8)
         self._ring = Ring(settings.urls)
+        self.sweeper = RingSweeper(self._connect_sweep, lambda: self._settings.timeout)
         self._shards: dict[str, RedisShard] = {url: self._new_shard(url) for url in self._ring.urls}
         self._listener: StreamListener | None = None
         self._on_reconnect: list[ReconnectCallback] = []
         self._reconfiguring = asyncio.Lock()
 
     def _new_shard(self, url: str) -> RedisShard:
+        name = redact_url(url)
         return RedisShard(
             url,
             self._settings,
             self._history,
             self.node_id,
             owns=lambda post: self._ring.node_for(post) == url,
+            stale_after=lambda post: self.sweeper.max_age_ms(post, name),
         )
+
+    def _connect_sweep(self, url: str) -> Redis:
+        return Redis.from_url(url, **connection_kwargs(f"livecomments:{self.node_id}:sweep"))
 
     def _shard(self, post_id: str) -> RedisShard:
         return self._shards[self._ring.node_for(post_id)]
@@ -73,6 +85,7 @@ class RedisBroker:
             shard.start(listener, self._on_reconnect)
 
     async def stop(self) -> None:
+        await self.sweeper.stop()
         await asyncio.gather(*(shard.stop() for shard in self._shards.values()))
 
     def on_reconnect(self, callback: ReconnectCallback) -> None:
@@ -128,6 +141,7 @@ class RedisBroker:
             "kind": "redis",
             "node_id": self.node_id,
             "nodes": shards,
+            "ring_sweep": self.sweeper.status(),
         }
 
     # -- Reconfigurable ------------------------------------------------------------------------
@@ -147,6 +161,9 @@ class RedisBroker:
     async def _move_to(self, new_ring: Ring) -> None:
         assert self._listener is not None
         old_ring, self._ring = self._ring, new_ring
+        # In the same step as the switch: the guard holds from the first request on the new
+        # ring. The sweep runs in the background.
+        self.sweeper.ring_changed(old_ring, new_ring)
         for url in new_ring.urls:
             if url not in self._shards:
                 self._shards[url] = self._new_shard(url)

@@ -2,10 +2,12 @@
 
 A `RedisShard` owns two connections to its server: the Pub/Sub session (pubsub.py: the posts
 followed there, the reader, the liveness probe) and an ordinary one for the stream scripts
-(streams.py): APPEND (the outbox's comments, pipelined), HISTORY and RECENT. What the session
-hears is unpacked here (envelope.py) and handed to the hub in stream order; a session that comes
-back after a loss reports its posts' gap, and tells whoever asked (`on_reconnect`: the outbox
-re-checks what it had appended).
+(streams.py): APPEND (the outbox's comments, pipelined), HISTORY and RECENT. Each is preceded,
+in one pipeline, by sweep.py's DROP_STALE for a post that a ring change moved here, until that
+change is swept (`stale_after`: the guard against continuing a position from the post's earlier
+stay here). What the session hears is unpacked here (envelope.py) and handed to the hub in
+stream order; a session that comes back after a loss reports its posts' gap, and tells whoever
+asked (`on_reconnect`: the outbox re-checks what it had appended).
 
 Words: a *shard* is one Redis server; a *node* is one livecomments process.
 
@@ -28,9 +30,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from livecomments import metrics
@@ -43,7 +47,7 @@ from livecomments.live.broker import (
     ReconnectCallback,
     StreamListener,
 )
-from livecomments.live.redis import envelope, streams
+from livecomments.live.redis import envelope, streams, sweep
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, PubSubSession, ShardUnavailable
 from livecomments.urls import redact_url
 
@@ -74,6 +78,7 @@ class RedisShard:
         node_id: str,
         *,
         owns: Callable[[str], bool],
+        stale_after: Callable[[str], int | None],
     ) -> None:
         self.url = url
         self.name = redact_url(url)
@@ -88,6 +93,8 @@ class RedisShard:
         self._append = self._client.register_script(streams.APPEND)
         self._read_history = self._client.register_script(streams.HISTORY)
         self._read_recent = self._client.register_script(streams.RECENT)
+        self._drop_stale = self._client.register_script(sweep.DROP_STALE)
+        self._stale_after = stale_after
         self.pubsub = PubSubSession(
             self.name,
             settings,
@@ -167,7 +174,12 @@ class RedisShard:
         history = self._history
         async with asyncio.timeout(self.settings.timeout):
             async with self._client.pipeline(transaction=False) as pipe:
+                at: list[int] = []  # where each APPEND's reply is: after its DROP_STALE, if any
+                queued = 0
                 for entry in batch:
+                    queued += await self._guard(entry.post_id, pipe)
+                    at.append(queued)
+                    queued += 1
                     await self._append(
                         keys=streams.keys(entry.post_id),
                         args=[
@@ -183,22 +195,44 @@ class RedisShard:
                         client=pipe,
                     )
                 replies = await pipe.execute()
+        if len(replies) > len(at):
+            replies = [replies[j] for j in at]
         metrics.REDIS_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         self.appended += len(batch)
         metrics.REDIS_PUBLISHED.inc(len(batch))
         return [Position(epoch.decode(), int(offset)) for epoch, offset, _ in replies]
 
+    async def _guard(self, post_id: str, pipe: Pipeline) -> bool:
+        """Queue DROP_STALE for the post if a pending ring change moved it here."""
+        max_age = self._stale_after(post_id)
+        if max_age is not None:
+            await self._drop_stale(keys=streams.keys(post_id), args=[max_age], client=pipe)
+        return max_age is not None
+
+    async def _guarded(
+        self, post_id: str, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """`script`'s reply, after DROP_STALE if the post needs it (in one pipeline: a pipeline
+        with scripts costs redis-py a SCRIPT EXISTS round trip, so only then)."""
+        max_age = self._stale_after(post_id)
+        if max_age is None:
+            return await script(keys=keys, args=args)
+        async with self._client.pipeline(transaction=False) as pipe:
+            await self._drop_stale(keys=streams.keys(post_id), args=[max_age], client=pipe)
+            await script(keys=keys, args=args, client=pipe)
+            return (await pipe.execute())[-1]
+
     async def history(self, post_id: str, since: Position | None, limit: int) -> History:
+        args = [
+            -1 if since is None else since.offset,
+            limit or self._history.size,
+            secrets.token_hex(envelope.EPOCH_LEN // 2),
+            int(self._history.meta_ttl * 1000),
+        ]
         try:
             async with asyncio.timeout(self.settings.timeout):
-                reply = await self._read_history(
-                    keys=streams.keys(post_id),
-                    args=[
-                        -1 if since is None else since.offset,
-                        limit or self._history.size,
-                        secrets.token_hex(envelope.EPOCH_LEN // 2),
-                        int(self._history.meta_ttl * 1000),
-                    ],
+                reply = await self._guarded(
+                    post_id, self._read_history, streams.keys(post_id), args
                 )
         except (RedisError, OSError, TimeoutError) as e:
             raise ShardUnavailable(f"redis {self.name}: history: {e}") from e
@@ -218,8 +252,8 @@ class RedisShard:
         _, s, i, _ = streams.keys(post_id)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                bodies: list[bytes] = await self._read_recent(
-                    keys=[i, s], args=[low, high, limit, newest]
+                bodies: list[bytes] = await self._guarded(
+                    post_id, self._read_recent, [i, s], [low, high, limit, newest]
                 )
         except (RedisError, OSError, TimeoutError) as e:
             raise ShardUnavailable(f"redis {self.name}: recent: {e}") from e

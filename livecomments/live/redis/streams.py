@@ -2,6 +2,7 @@
 
 Per post, on its shard (TTLs refreshed by every write; positions outlive histories):
 * `livecomments:{P}:m`: a hash, `epoch` and `offset` (the last one given). TTL `history.meta_ttl`.
+  Also `at`: when the epoch was created (Redis TIME, ms), for ring sweeps (sweep.py).
 * `livecomments:{P}:s`: a stream, one entry per publication, id `<offset>-0`, fields `k` (kind)
   and `d` (body); trimmed to about `history.size` entries. TTL `history.ttl`.
 * `livecomments:{P}:i`: a sorted set by lexical order, `<20-digit comment id>:<offset>`: which
@@ -36,7 +37,8 @@ if epoch then
 else
   epoch = candidate
   redis.call('DEL', s, i, x)
-  redis.call('HSET', m, 'epoch', epoch, 'offset', 0)
+  local t = redis.call('TIME')
+  redis.call('HSET', m, 'epoch', epoch, 'offset', 0, 'at', t[1] * 1000 + math.floor(t[2] / 1000))
 end
 local offset = redis.call('HINCRBY', m, 'offset', 1)
 if kind == 'd' then
@@ -73,7 +75,8 @@ local epoch = redis.call('HGET', m, 'epoch')
 if not epoch then
   epoch = candidate
   redis.call('DEL', s, KEYS[3], KEYS[4])
-  redis.call('HSET', m, 'epoch', epoch, 'offset', 0)
+  local t = redis.call('TIME')
+  redis.call('HSET', m, 'epoch', epoch, 'offset', 0, 'at', t[1] * 1000 + math.floor(t[2] / 1000))
 end
 redis.call('PEXPIRE', m, meta_ttl)
 local offset = tonumber(redis.call('HGET', m, 'offset'))
