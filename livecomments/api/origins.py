@@ -63,9 +63,10 @@ class OriginPolicy:
 
 def _same_origin(origin: str, host: str) -> bool:
     """`Origin` against `Host`. The scheme is not compared: behind a proxy that ends TLS this
-    process sees http for https pages; a port left out is the scheme's default."""
-    url = urlsplit(origin)
+    process sees http for https pages; a port left out is the scheme's default. An `Origin` or
+    `Host` that is not a URL's origin (`http://[`, a port past 65535) is not this host."""
     try:
+        url = urlsplit(origin)
         origin_port = url.port or _DEFAULT_PORTS.get(url.scheme)
         here = urlsplit("//" + host)
         here_port = here.port or origin_port

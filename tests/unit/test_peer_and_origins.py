@@ -53,6 +53,9 @@ def test_the_client_is_the_first_untrusted_hop_from_the_right(peer, forwarded, c
         ([], "https://evil.example", "here.example", False),
         ([], "https://here.example.evil.example", "here.example", False),
         ([], "null", "here.example", False),
+        ([], "http://[", "here.example", False),  # urlsplit raises on it: was a plain-text 500
+        ([], "http://here.example:99999", "here.example", False),
+        ([], "https://here.example", "[", False),
         (["https://good.example"], "https://good.example", "here.example", True),
         (["https://good.example"], "https://good.example:8443", "here.example", False),
         (["*"], "https://anyone.example", "here.example", True),
@@ -60,7 +63,10 @@ def test_the_client_is_the_first_untrusted_hop_from_the_right(peer, forwarded, c
 )
 def test_origins(allowed, origin, host, allows):
     headers = {"Origin": origin} if origin else {}
-    assert OriginPolicy(allowed).allows(request("127.0.0.1", headers, host)) is allows
+    policy = OriginPolicy(allowed)
+    assert policy.allows(request("127.0.0.1", headers, host)) is allows
+    named = policy.cross_site_allowed(request("127.0.0.1", headers, host))
+    assert named in ((origin, None) if allows else (None,))
 
 
 @pytest.mark.parametrize(
