@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from livecomments import metrics
-from livecomments.api import delete, ops, rest, ws
+from livecomments.api import delete, openapi, ops, rest, ws
 from livecomments.api.auth import Authenticator
 from livecomments.api.dedupe import RecentRequests
 from livecomments.api.errors import error_middleware
@@ -101,6 +101,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/openapi.json", openapi.spec)
     return app
 
 
