@@ -62,6 +62,11 @@ from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)
 
+# Bytes of a request line beyond its query string ("POST /v1/comment?" and " HTTP/1.1").
+REQUEST_LINE_OVERHEAD = 1024
+# Bytes of one header line: `Authorization: Bearer ` and the longest token auth.py reads.
+MAX_HEADER_BYTES = 16 * 1024
+
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     """The whole service; `broker` replaces the one `redis.urls` asks for (tests)."""
@@ -110,8 +115,17 @@ def runner_options(settings: Settings) -> dict[str, Any]:
 
     `keepalive_timeout` is aiohttp's one timer from a connection's start, or its previous
     response, to a complete request head: it closes a slow sender (slowloris) and an idle
-    keep-alive connection alike. Bodies are decompressed by api/body.py, not by aiohttp."""
-    return {"keepalive_timeout": settings.http.idle_timeout, "auto_decompress": False}
+    keep-alive connection alike. Bodies are decompressed by api/body.py, not by aiohttp.
+
+    A request line may be as long as the largest body: `POST /v1/comment?...` carries a whole
+    comment in its query string (aiohttp's default, 8190 bytes, refused a valid message with a
+    plain-text 400). A header line may hold the longest token auth.py takes."""
+    return {
+        "keepalive_timeout": settings.http.idle_timeout,
+        "auto_decompress": False,
+        "max_line_size": settings.limits.body_max_bytes + REQUEST_LINE_OVERHEAD,
+        "max_field_size": MAX_HEADER_BYTES,
+    }
 
 
 async def apply_reload(app: web.Application, settings: Settings) -> None:

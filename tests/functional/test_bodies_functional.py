@@ -142,6 +142,14 @@ async def test_the_longest_emoji_message_fits_as_a_form(server, fresh):
     assert status == 201 and body["comment"]["message"] == EMOJI_MESSAGE
 
 
+async def test_the_longest_emoji_message_fits_in_a_query_string(server, fresh):
+    """The design's original form puts the whole comment in the request line."""
+    query = urllib.parse.urlencode({**COMMENT, "message": EMOJI_MESSAGE})
+    assert len(query) > 24_000
+    status, body = await send(fresh, f"{server.url}/v1/comment?{query}", b"", {})
+    assert status == 201 and body["comment"]["message"] == EMOJI_MESSAGE
+
+
 # -- item 13: slow senders are cut ------------------------------------------------------------
 
 

@@ -9,12 +9,14 @@ a clear 4xx.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from livecomments.api.delete import FIND_WAIT
 from tests.support.recording import Socket, listed, post
 from tests.support.redis_servers import RedisServer, redis_servers
 from tests.support.server import ServerProcess
@@ -46,6 +48,11 @@ async def test_delete_answers_every_wrong_request_with_a_clear_4xx(start_server,
         got, body = await delete(http, server, comment_id, **query)
         assert (got, body["error"]["code"]) == (status, code), (comment_id, query, body)
     assert await listed(http, server, "p") == [kept], "a refused delete took something down"
+    # A made-up id cannot be on its way from another instance: no waiting for it (a client
+    # guessing ids must not cost a second of lookups each).
+    started = time.monotonic()
+    assert (await delete(http, server, "12345", post_id="p", uid="u"))[0] == 404
+    assert time.monotonic() - started < FIND_WAIT
 
 
 async def test_a_deleted_comment_is_gone_live_in_pages_and_after_a_restart(

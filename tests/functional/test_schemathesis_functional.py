@@ -34,6 +34,8 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from livecomments.api.app import MAX_HEADER_BYTES, REQUEST_LINE_OVERHEAD
+from livecomments.config import LimitsSettings
 from tests.support.server import REPO, ServerProcess
 
 OPENAPI_JSON = REPO / "livecomments" / "static" / "openapi.json"
@@ -43,9 +45,10 @@ OPENAPI_JSON = REPO / "livecomments" / "static" / "openapi.json"
 MAX_EXAMPLES = 30
 SEED = 20261127
 REQUEST_TIMEOUT = 10.0  # seconds; the slowest answer is DELETE's 404 (it looks for 1 s)
-# Bytes of a request line or header line aiohttp's parser takes (its max_line_size and
-# max_field_size); beyond, it answers 400 in plain text itself.
-PARSER_LINE_MAX = 8190
+# Bytes of a request line (max_line_size) and of a header line (max_field_size) aiohttp's
+# parser takes, as api/app.py's runner_options sets them; beyond, it answers 400 in plain text.
+REQUEST_LINE_MAX = LimitsSettings().body_max_bytes + REQUEST_LINE_OVERHEAD
+HEADER_LINE_MAX = MAX_HEADER_BYTES
 # A DELETE of a comment this instance cannot find looks for it during a second before its 404
 # (api/delete.py, FIND_WAIT), and nearly every generated id is one: DELETE gets fewer generated
 # requests and no coverage phase (its ~40 boundary cases took 16 s), which keeps the file under
@@ -142,9 +145,14 @@ def past_the_parsers_limit(response: Response) -> bool:
     says so; the fuzzer's long query strings (a 2000-character message, percent-encoded) reach
     it on POST /v1/comment."""
     request = response.request
-    lines = [f"{request.method} {request.path_url} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in request.headers.items()]
-    return max(len(line.encode("utf-8", "surrogateescape")) for line in lines) > PARSER_LINE_MAX
+
+    def size(line: str) -> int:
+        return len(line.encode("utf-8", "surrogateescape"))
+
+    headers = [f"{name}: {value}" for name, value in request.headers.items()]
+    return size(f"{request.method} {request.path_url} HTTP/1.1") > REQUEST_LINE_MAX or any(
+        size(line) > HEADER_LINE_MAX for line in headers
+    )
 
 
 # pytest 9.2 builds an item's id from its function's name and its own parameters, while
