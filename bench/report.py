@@ -725,6 +725,51 @@ posts of one comment each cost more per comment.
 """
 
 
+POSITIONS_COST = Path(__file__).resolve().parent / "results" / "positions-cost.json"
+
+
+def _times_or_dash(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def positions_cost_section(path: Path = POSITIONS_COST) -> str:
+    """What positions cost per delivery, from `python -m bench.compare`'s last run: a ratio of
+    two code versions measured in one run, so it is not re-measured by every `make bench`."""
+    if not path.exists():
+        return ""
+    data = orjson.loads(path.read_bytes())
+    names = {"embedded": "embedded (one process)", "redis": "2 instances via Redis"}
+    rows = []
+    for mode, m in data["modes"].items():
+        if "skipped" in m:
+            rows.append(f"| {names.get(mode, mode)} | skipped: {m['skipped']} | | | |")
+            continue
+        b, h = m["base"], m["head"]
+        rows.append(
+            f"| {names.get(mode, mode)} "
+            f"| {b['cpu_us_per_delivery_median']:.3f} / {h['cpu_us_per_delivery_median']:.3f} "
+            f"| {_times_or_dash(m['cost_ratio'])} "
+            f"| {b['peak_median']:,} / {h['peak_median']:,} | {_times_or_dash(m['peak_ratio'])} |"
+        )
+    load = "/".join(f"{x:.2f}" for x in data["loadavg_start"][:1] + data["loadavg_end"][:1])
+    return f"""### Cost of positions (issue 10)
+
+What carrying stream positions costs: `{data["command"]}` runs the code from before positions
+(`{data["base"]}`) and this code (`{data["head"]}`) side by side, each with {data["viewers"]:,}
+viewers of one post, their steps interleaved over {data["rounds"]} rounds; medians. CPU per
+delivery is the viewers' server's CPU time over the deliveries that arrived, at
+{data["rate"]:,} deliveries/s; peak is the throughput of a step that asks {data["peak_target"]:,}/s.
+The difference holds everything between the two commits (limits, trust, deletions too), so it
+bounds the cost of positions from above. Measured {data["measured"]} on the machine below (load
+average {load} at the start/end); not part of `make bench` (`bench/results/positions-cost.json`).
+
+| Mode | CPU per delivery, before / after (us) | ratio | peak deliveries/s, before / after | ratio |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+"""
+
+
 def markdown(results: dict[str, Any], json_name: str) -> str:
     """BENCHMARKS.md: generated from one run's results, so it is replaced by the next run."""
     m = results["machine"]
@@ -772,6 +817,7 @@ python-socketio has no durable write, so ingest has no peer figure.
 
 {ingest_comparison(results)}
 {redis_memory_section()}
+{positions_cost_section()}
 ### Targets (issue 5, per server process on one core)
 
 {targets_table(results)}

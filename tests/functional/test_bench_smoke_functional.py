@@ -349,3 +349,41 @@ def test_harness_runs_every_scenario_on_a_tiny_load(tmp_path: Path):
     assert results["processes"]
     assert all(p["exit"] is not None for p in results["processes"]), results["processes"]
     assert "| Scenario |" in done.stdout.decode()
+
+
+def test_compare_runs_the_base_commit_beside_this_one_on_a_tiny_load(tmp_path: Path):
+    """`python -m bench.compare` (the cost of positions): both code versions really ran, each
+    delivered everything, and the report section reads what it wrote."""
+    out = tmp_path / "positions-cost.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
+    results = json.loads(out.read_text())
+    modes = ["embedded", "redis"] if shutil.which("redis-server") else ["embedded"]
+    assert list(results["modes"]) == ["embedded", "redis"]
+    for mode in modes:
+        measured = results["modes"][mode]
+        for side in ("base", "head"):
+            for step in measured[side]["steps"] + measured[side]["peaks"]:
+                assert step["deliveries"] == step["expected"] > 0, (mode, side, step)
+                # CPU time is counted in ticks of 10 ms: a tiny step may take none.
+                assert step["cpu_us_per_delivery"] >= 0, step
+        assert measured["peak_ratio"] > 0, measured
+    section = report.positions_cost_section(out)
+    assert "| embedded (one process) |" in section and results["base"] in section
+
+
+def test_the_base_runs_with_only_the_settings_it_knows(tmp_path: Path):
+    """The base refuses settings it does not know (its config does): the limits came later."""
+    from bench import compare  # noqa: PLC0415
+
+    source = compare.extract(compare.BASE, tmp_path / "src")
+    known = compare.settings_known_by(source)
+    assert "LIVECOMMENTS_QUEUE_FLUSH_BATCH" in known
+    assert "LIVECOMMENTS_LIMITS_WS_PER_IP" not in known
+    assert (source / "livecomments" / "live" / "redis" / "pubsub.py").exists()
