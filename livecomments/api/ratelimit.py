@@ -32,8 +32,8 @@ from redis.exceptions import RedisError
 
 from livecomments import metrics
 from livecomments.config import LimitsSettings, RedisSettings
+from livecomments.live.redis.client import connection_kwargs
 from livecomments.live.redis.ring import Ring
-from livecomments.live.redis.shard import connection_kwargs
 from livecomments.urls import redact_url
 
 log = logging.getLogger(__name__)

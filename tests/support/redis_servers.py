@@ -45,6 +45,27 @@ def redis_server_binary() -> str:
     return path
 
 
+def _read_bulk(s: socket.socket) -> bytes:
+    """One RESP bulk string (`$<n>\\r\\n<n bytes>\\r\\n`), or b"" if the reply is not one (an error
+    while the server is loading)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n")
+    if not head.startswith(b"$"):
+        return b""
+    size = int(head[1:])
+    while len(body) < size + 2:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b""
+        body += chunk
+    return body[:size]
+
+
 class RedisServer:
     def __init__(self, base_dir: Path, name: str) -> None:
         self.port = free_port()
@@ -82,14 +103,22 @@ class RedisServer:
         return self
 
     def _answers(self) -> bool:
+        """True once the server on the port is this process (its INFO names our pid): another
+        redis-server that holds the port would answer PING for a server that failed to bind."""
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"redis {self.name} exited: {self.proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                reply = _read_bulk(s)
         except OSError:
             return False
+        assert self.proc is not None
+        if not reply:
+            return False
+        if f"process_id:{self.proc.pid}\r\n".encode() not in reply:
+            raise RuntimeError(f"redis {self.name}: port {self.port} is another process's")
+        return True
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, protocol=2, socket_timeout=5)

@@ -33,9 +33,10 @@ from livecomments.live.broker import (
     ReconnectCallback,
     StreamListener,
 )
+from livecomments.live.redis.client import connection_kwargs
 from livecomments.live.redis.pubsub import post_of
 from livecomments.live.redis.ring import Ring
-from livecomments.live.redis.shard import RedisShard, connection_kwargs
+from livecomments.live.redis.shard import RedisShard
 from livecomments.live.redis.sweep import RingSweeper
 from livecomments.urls import redact_url
 

@@ -11,13 +11,7 @@ asked (`on_reconnect`: the outbox re-checks what it had appended).
 
 Words: a *shard* is one Redis server; a *node* is one livecomments process.
 
-redis-py choices, deliberate: `protocol=2` (RESP2) on every connection: Pub/Sub replies are plain
-arrays, and redis-py's RESP3 push path builds a debug log string for every message.
-`socket_timeout` and `socket_connect_timeout` are None (redis-py 8 defaults to 5 s): the Pub/Sub
-read must block indefinitely on a quiet channel (the probe, not a socket timeout, decides it is
-dead), and every other operation is bounded by our own `asyncio.timeout(redis.timeout)`, which a
-reload changes at once. Retries are off (`Retry(NoBackoff(), 0)`): a retry we do not see would
-hide a failure the outbox must see.
+Its connections are made as client.py says (RESP2, our timeouts, no hidden retries).
 """
 
 from __future__ import annotations
@@ -32,8 +26,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -48,6 +40,7 @@ from livecomments.live.broker import (
     StreamListener,
 )
 from livecomments.live.redis import envelope, streams, sweep
+from livecomments.live.redis.client import connection_kwargs
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, PubSubSession, ShardUnavailable
 from livecomments.urls import redact_url
 
@@ -55,18 +48,6 @@ log = logging.getLogger(__name__)
 
 # APPENDs per pipelined round trip.
 APPEND_BATCH = 512
-
-
-def connection_kwargs(name: str) -> dict[str, Any]:
-    """See the module docstring: RESP2, no socket timeouts (ours apply), no hidden retries."""
-    return {
-        "protocol": 2,
-        "socket_timeout": None,
-        "socket_connect_timeout": None,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
-        "client_name": name,
-    }
 
 
 class RedisShard:

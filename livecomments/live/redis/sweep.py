@@ -79,6 +79,7 @@ from redis.exceptions import RedisError
 from livecomments import metrics
 from livecomments.backoff import Backoff
 from livecomments.live.redis import streams
+from livecomments.live.redis.client import close_fully
 from livecomments.live.redis.ring import Ring
 from livecomments.urls import redact_url
 
@@ -358,7 +359,7 @@ class RingSweeper:
                     return
                 await asyncio.sleep(self.pause)
         finally:
-            await client.aclose()
+            await close_fully(client)
 
     async def _drop(
         self,
