@@ -68,6 +68,9 @@ class Plan:
     rounds: int = 3
 
 
+SIDES = ("base", "head")
+
+
 @dataclass
 class Side:
     """One code version under test: its source dir (None: this checkout) and settings."""
@@ -210,20 +213,34 @@ async def measure_mode(mode: str, sides: list[Side], ctx: Context, plan: Plan) -
                 peak = await step(side, plan.peak, plan.peak_s)
                 out[side.name]["peaks"].append(peak)
                 log(f"{mode} {side.name} round {r}: peak {peak['throughput_per_s']:,}/s")
-    for side in sides:
-        costs = [s["cpu_us_per_delivery"] for s in out[side.name]["steps"]]
-        peaks = [s["throughput_per_s"] for s in out[side.name]["peaks"]]
-        # CPU time comes in ticks of 10 ms: a tiny (smoke) step may show none.
-        out[side.name]["cpu_us_per_delivery_median"] = statistics.median(
-            [c for c in costs if c is not None] or [0.0]
+    return summarize_mode(out)
+
+
+def _median(values: list[Any]) -> float:
+    # CPU time comes in ticks of 10 ms: a tiny (smoke) step may show none.
+    return float(statistics.median([v for v in values if v is not None] or [0.0]))
+
+
+def summarize_mode(out: dict[str, Any]) -> dict[str, Any]:
+    """Medians per side and the after/before ratios, from the steps alone (so a results file
+    can be summarized again)."""
+    for side in SIDES:
+        steps, peaks = out[side]["steps"], out[side]["peaks"]
+        out[side]["cpu_us_per_delivery_median"] = _median([s["cpu_us_per_delivery"] for s in steps])
+        out[side]["peak_cpu_us_per_delivery_median"] = _median(
+            [s["cpu_us_per_delivery"] for s in peaks]
         )
-        out[side.name]["peak_median"] = statistics.median(peaks)
-        out[side.name]["all_steps_passed"] = all(s["pass"] for s in out[side.name]["steps"])
+        out[side]["peak_median"] = _median([s["throughput_per_s"] for s in peaks])
+        out[side]["peak_p99_ms_median"] = _median([s["p99_ms"] for s in peaks])
+        out[side]["peak_arrived_all"] = all(s["deliveries"] == s["expected"] for s in peaks)
+        out[side]["all_steps_passed"] = all(s["pass"] for s in steps)
     base, head = out["base"], out["head"]
-    out["cost_ratio"] = _ratio(
-        head["cpu_us_per_delivery_median"], base["cpu_us_per_delivery_median"]
-    )
-    out["peak_ratio"] = _ratio(head["peak_median"], base["peak_median"])
+    for key, ratio in (
+        ("cpu_us_per_delivery_median", "cost_ratio"),
+        ("peak_cpu_us_per_delivery_median", "peak_cost_ratio"),
+        ("peak_median", "peak_ratio"),
+    ):
+        out[ratio] = _ratio(head[key], base[key])
     return out
 
 

@@ -745,26 +745,37 @@ def positions_cost_section(path: Path = POSITIONS_COST) -> str:
             rows.append(f"| {names.get(mode, mode)} | skipped: {m['skipped']} | | | |")
             continue
         b, h = m["base"], m["head"]
+        arrived = "all" if b["peak_arrived_all"] and h["peak_arrived_all"] else "not all"
         rows.append(
             f"| {names.get(mode, mode)} "
             f"| {b['cpu_us_per_delivery_median']:.3f} / {h['cpu_us_per_delivery_median']:.3f} "
             f"| {_times_or_dash(m['cost_ratio'])} "
-            f"| {b['peak_median']:,} / {h['peak_median']:,} | {_times_or_dash(m['peak_ratio'])} |"
+            f"| {b['peak_cpu_us_per_delivery_median']:.3f} / "
+            f"{h['peak_cpu_us_per_delivery_median']:.3f} "
+            f"| {_times_or_dash(m['peak_cost_ratio'])} "
+            f"| {b['peak_p99_ms_median']:g} / {h['peak_p99_ms_median']:g}; {arrived} |"
         )
     load = "/".join(f"{x:.2f}" for x in data["loadavg_start"][:1] + data["loadavg_end"][:1])
+    rate, peak = f"{data['rate']:,.0f}/s", f"{data['peak_target']:,.0f}/s"
+    header = (
+        "| Mode | CPU per delivery (us), low: before / after | ratio | high: before / after "
+        "| ratio | high: p99 ms before / after; arrived |"
+    )
     return f"""### Cost of positions (issue 10)
 
 What carrying stream positions costs: `{data["command"]}` runs the code from before positions
 (`{data["base"]}`) and this code (`{data["head"]}`) side by side, each with {data["viewers"]:,}
-viewers of one post, their steps interleaved over {data["rounds"]} rounds; medians. CPU per
-delivery is the viewers' server's CPU time over the deliveries that arrived, at
-{data["rate"]:,} deliveries/s; peak is the throughput of a step that asks {data["peak_target"]:,}/s.
-The difference holds everything between the two commits (limits, trust, deletions too), so it
-bounds the cost of positions from above. Measured {data["measured"]} on the machine below (load
-average {load} at the start/end); not part of `make bench` (`bench/results/positions-cost.json`).
+viewers of one post, their steps interleaved over {data["rounds"]} rounds (medians). CPU per
+delivery is the viewers' server's CPU time over the deliveries that arrived, at {rate} (low)
+and at {peak} (high: comments reach each socket in batches, so each costs less). Over Redis,
+the POSTs go to the other instance, and both instances and Redis share the server's core.
+The difference holds everything between the two commits (limits, trust, deletions too), so
+it bounds the cost of positions from above. Measured {data["measured"]} on the machine below
+(load average {load} at the start/end); not part of `make bench`
+(`bench/results/positions-cost.json`).
 
-| Mode | CPU per delivery, before / after (us) | ratio | peak deliveries/s, before / after | ratio |
-|---|---|---|---|---|
+{header}
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 """
@@ -969,14 +980,25 @@ def _loadavg(values: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.report RESULTS.json [--markdown BENCHMARKS.md]`: the tables again, and
+    (with --markdown) BENCHMARKS.md rewritten from that run, e.g. after `bench.compare` or
+    `bench.redis_memory` measured their sections anew."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m bench.report bench/results/<name>.json", file=sys.stderr)
+    markdown_to: Path | None = None
+    if len(args) == 3 and args[1] == "--markdown":
+        markdown_to = Path(args[2])
+    elif len(args) != 1:
+        usage = "usage: python -m bench.report bench/results/<name>.json [--markdown BENCHMARKS.md]"
+        print(usage, file=sys.stderr)
         return 2
-    results = orjson.loads(Path(args[0]).read_bytes())
+    path = Path(args[0])
+    results = orjson.loads(path.read_bytes())
     print(table(results))
     print()
     print(targets_table(results))
+    if markdown_to is not None:
+        markdown_to.write_text(markdown(results, path.name))
+        print(f"report: {markdown_to}")
     return 0
 
 

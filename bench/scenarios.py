@@ -243,6 +243,11 @@ LIVECOMMENTS_SETTINGS: dict[str, tuple[str, str]] = {
     ),
     "LIVECOMMENTS_WEBSOCKET_HEARTBEAT": ("30", "the default; the load generator answers pings"),
     "LIVECOMMENTS_QUEUE_FLUSH_BATCH": ("1000", "the default"),
+    "LIVECOMMENTS_HTTP_IDLE_TIMEOUT": (
+        "300",
+        "the poster keeps its keep-alive connections between steps, and a big audience's "
+        "steps (their drain, reopening sockets) can take longer than the default 15 s",
+    ),
     "LIVECOMMENTS_LOG_LEVEL": ("WARNING", "no per-request logs (there are none at INFO either)"),
     "LIVECOMMENTS_LIMITS_COMMENTS_PER_MINUTE": (
         "0",
