@@ -13,6 +13,8 @@ Then one step past capacity: the throughput at any latency. Both are measured on
 default and across two instances over a private redis-server (subscribers on one instance,
 POSTs to the other: the subscribers' instance's CPU is measured).
 
+And the write path alone (`ingest`): durable POSTs in a closed loop, no viewer, CPU per comment.
+
 The base runs from `git archive` of its commit, with the same interpreter and packages, with
 only the settings it knows. The difference includes everything between the two commits (trust,
 limits, deletions), so it is an upper bound on the cost of positions alone.
@@ -41,9 +43,11 @@ from typing import Any
 
 import orjson
 
-from bench.procs import REPO, Pinning, ProcGroup, free_port, raise_nofile
+from bench.hist import Histogram
+from bench.procs import REPO, CpuMeter, Pinning, ProcGroup, Worker, free_port, raise_nofile
 from bench.report import POSITIONS_COST, positions_cost_section
 from bench.scenarios import (
+    INGEST_POSTS,
     LIVECOMMENTS_SETTINGS,
     PAD,
     SCALES,
@@ -66,6 +70,8 @@ class Plan:
     step_s: float = 4.0
     peak_s: float = 3.0
     rounds: int = 3
+    ingest_concurrency: int = 50
+    ingest_s: float = 5.0
 
 
 SIDES = ("base", "head")
@@ -248,10 +254,65 @@ def _ratio(after: float, before: float) -> float | None:
     return round(after / before, 3) if before else None
 
 
+async def measure_ingest(sides: list[Side], ctx: Context, plan: Plan) -> dict[str, Any]:
+    """Durable POSTs, closed loop at INGEST_CONCURRENCY, no viewer: the CPU per comment of the
+    write path (the queue, which became the outbox, and the stream append), interleaved."""
+    out: dict[str, Any] = {side.name: {"steps": []} for side in sides}
+    async with ProcGroup(ctx.workdir, ctx.pinning) as group:
+        servers: dict[str, tuple[Server, Worker]] = {}
+        for side in sides:
+            poster = await group.worker(f"ingest-{side.name}-poster", "poster")
+            server = await start(group, side, f"ingest-{side.name}", ctx.workdir, {})
+            await poster.call(30, cmd="connect", port=server.port, connections=1, pad=PAD)
+            servers[side.name] = (server, poster)
+        for r in range(plan.rounds):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                server, poster = servers[side.name]
+                meter = CpuMeter([server.proc.pid])
+                meter.start()
+                reply = await poster.call(
+                    plan.ingest_s + 30,
+                    cmd="closed",
+                    posts=INGEST_POSTS,
+                    connections=plan.ingest_concurrency,
+                    duration=plan.ingest_s,
+                )
+                used = meter.used()
+                ack = Histogram()
+                ack.merge_pairs(reply["ack"], reply["ack_max_us"])
+                step = {
+                    "comments_per_s": reply["rate"],
+                    "ok": reply["ok"],
+                    "statuses": reply["statuses"],
+                    "cpu_us_per_comment": round(used / reply["ok"] * 1e6, 1)
+                    if reply["ok"]
+                    else None,
+                    "p99_ms": ack.summary()["p99_ms"],
+                }
+                out[side.name]["steps"].append(step)
+                ctx.log(
+                    f"ingest {side.name} round {r}: {step['comments_per_s']}/s, "
+                    f"{step['cpu_us_per_comment']} us/comment, p99 {step['p99_ms']} ms"
+                )
+    return summarize_ingest(out)
+
+
+def summarize_ingest(out: dict[str, Any]) -> dict[str, Any]:
+    for side in SIDES:
+        steps = out[side]["steps"]
+        out[side]["cpu_us_per_comment_median"] = _median([s["cpu_us_per_comment"] for s in steps])
+        out[side]["comments_per_s_median"] = _median([s["comments_per_s"] for s in steps])
+        out[side]["p99_ms_median"] = _median([s["p99_ms"] for s in steps])
+    base, head = out["base"], out["head"]
+    out["cost_ratio"] = _ratio(head["cpu_us_per_comment_median"], base["cpu_us_per_comment_median"])
+    out["rate_ratio"] = _ratio(head["comments_per_s_median"], base["comments_per_s_median"])
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
     p.add_argument("--base", default=BASE, help=f"commit to compare with (default {BASE})")
-    p.add_argument("--modes", default="embedded,redis", help="embedded,redis")
+    p.add_argument("--modes", default="embedded,redis,ingest", help="embedded,redis,ingest")
     p.add_argument("--out", type=Path, default=POSITIONS_COST)
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--loadgen-cpus", default="1")
@@ -259,7 +320,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SMOKE = Plan(viewers=10, rate=200, peak=1000, step_s=0.5, peak_s=0.5, rounds=1)
+SMOKE = Plan(
+    viewers=10,
+    rate=200,
+    peak=1000,
+    step_s=0.5,
+    peak_s=0.5,
+    rounds=1,
+    ingest_concurrency=2,
+    ingest_s=0.5,
+)
 
 
 def head_commit() -> str:
@@ -307,7 +377,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["modes"][mode] = {"skipped": "redis-server is not installed"}
                 continue
             log(f"compare: {mode}, base {args.base} beside head {results['head']}")
-            results["modes"][mode] = await measure_mode(mode, sides, ctx, plan)
+            if mode == "ingest":
+                results["modes"][mode] = await measure_ingest(sides, ctx, plan)
+            else:
+                results["modes"][mode] = await measure_mode(mode, sides, ctx, plan)
         results["elapsed_s"] = round(time.monotonic() - started, 1)
         results["loadavg_end"] = list(os.getloadavg())
         return results

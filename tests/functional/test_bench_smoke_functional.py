@@ -365,7 +365,10 @@ def test_compare_runs_the_base_commit_beside_this_one_on_a_tiny_load(tmp_path: P
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     results = json.loads(out.read_text())
     modes = ["embedded", "redis"] if shutil.which("redis-server") else ["embedded"]
-    assert list(results["modes"]) == ["embedded", "redis"]
+    assert list(results["modes"]) == ["embedded", "redis", "ingest"]
+    for side in ("base", "head"):
+        (step,) = results["modes"]["ingest"][side]["steps"]
+        assert step["ok"] > 0 and step["statuses"] == {"201": step["ok"]}, step
     for mode in modes:
         measured = results["modes"][mode]
         for side in ("base", "head"):
