@@ -14,6 +14,7 @@ connecting from the internet is not a loopback address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -24,6 +25,10 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Hops of X-Forwarded-For looked at, from the right: a longer chain is a client padding it.
 MAX_HOPS = 16
+# Addresses whose parse is remembered: every request parses its peer's (and every per-address
+# limit its client's), and ipaddress takes microseconds each; bounded, so many addresses only
+# cost misses.
+PARSED_ADDRESSES = 4096
 
 
 class ClientAddresses:
@@ -60,6 +65,7 @@ class ClientAddresses:
         return any(ip in network for network in self._trusted)
 
 
+@functools.lru_cache(maxsize=PARSED_ADDRESSES)
 def _parse(text: str) -> Address | None:
     """An address as proxies write it: bare, or IPv6 in brackets, maybe with a port."""
     if text.startswith("["):

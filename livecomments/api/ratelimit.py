@@ -107,6 +107,8 @@ class Buckets(Protocol):
     returns the seconds until a token will be there. It never raises for a backend's failure
     (each implementation says what it decides then). `close()` releases connections."""
 
+    rate: Rate
+
     async def acquire(self, key: str) -> float: ...
 
     async def close(self) -> None: ...

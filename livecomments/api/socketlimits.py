@@ -9,6 +9,7 @@ and closes a socket with 1008 when its `FrameRate.allow()` is False.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from livecomments.config import LimitsSettings
 RETRY_AFTER_WS_PER_IP = 10.0
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked for every request and upgrade
 def address_key(address: str | None) -> str:
     """Whose connection this is, for limits: the IP address, an IPv6 one by its /64 (one host
     gets a whole /64 and could otherwise rotate through it). Unknown: one shared key, "".
