@@ -10,7 +10,7 @@ a hub, every viewer on every node sees each comment once, in one order for all.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -21,33 +21,13 @@ from livecomments.live.broker import Broker, MemoryBroker
 from livecomments.live.hub import Hub
 from livecomments.live.redis.broker import RedisBroker
 from livecomments.model.comment import Comment
-from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
+from livecomments.model.stream import COMMENT, DELETE, Entry, Position
+from tests.support.listener import RecordingListener
 from tests.support.redis_servers import RedisServers, redis_servers
 from tests.support.wait import wait_for
 
 DEADLINE = 10.0
 HISTORY = HistorySettings(size=50, ttl=60, meta_ttl=600)
-
-
-class Recorder:
-    """A stand-in hub: records what its broker hands it."""
-
-    def __init__(self, posts: Iterable[str] = ()) -> None:
-        self.posts = set(posts)
-        self.publications: list[Publication] = []
-        self.gaps: list[str] = []
-
-    def on_publication(self, publication: Publication) -> None:
-        self.publications.append(publication)
-
-    def on_stream_gap(self, post_ids: Iterable[str]) -> None:
-        self.gaps.extend(post_ids)
-
-    def local_posts(self) -> Collection[str]:
-        return self.posts
-
-    def offsets(self, post_id: str) -> list[int]:
-        return [p.offset for p in self.publications if p.post_id == post_id]
 
 
 def entry(i: int, post_id: str = "p", message: str | None = None) -> Entry:
@@ -77,10 +57,10 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[list[Broker]]
         await broker.stop()
 
 
-async def started(brokers: list[Broker], posts: Iterable[str]) -> list[Recorder]:
+async def started(brokers: list[Broker], posts: Iterable[str]) -> list[RecordingListener]:
     recorders = []
     for broker in brokers:
-        recorder = Recorder(posts)
+        recorder = RecordingListener(posts)
         await broker.start(recorder)
         recorders.append(recorder)
     for broker in brokers:

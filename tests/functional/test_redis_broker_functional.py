@@ -37,6 +37,7 @@ from livecomments.live.redis.broker import RedisBroker
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, ShardUnavailable
 from livecomments.live.redis.ring import Ring
 from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
+from tests.support.listener import RecordingListener
 from tests.support.redis_servers import DeafeningProxy, RedisServer, RedisServers, redis_servers
 from tests.support.server import free_port
 from tests.support.wait import wait_for
@@ -47,34 +48,7 @@ CALM_PROBE = 2.0
 DEADLINE = 10.0  # for anything that should happen soon
 
 
-class Listener:
-    """A hub stand-in (StreamListener): records what the broker hands it."""
-
-    def __init__(self) -> None:
-        self.posts: set[str] = set()
-        self.publications: list[Publication] = []
-        self.gaps: list[str] = []
-
-    def on_publication(self, publication: Publication) -> None:
-        self.publications.append(publication)
-
-    def on_stream_gap(self, post_ids: Iterable[str]) -> None:
-        self.gaps.extend(post_ids)
-
-    def local_posts(self) -> Collection[str]:
-        return self.posts
-
-    def of(self, post_id: str) -> list[Publication]:
-        return [p for p in self.publications if p.post_id == post_id]
-
-    def offsets(self, post_id: str) -> list[int]:
-        return [p.offset for p in self.of(post_id)]
-
-    def got(self, post_id: str, body: bytes) -> int:
-        return sum(1 for p in self.of(post_id) if p.body == body)
-
-
-MakeBroker = Callable[..., Awaitable[tuple[RedisBroker, Listener]]]
+MakeBroker = Callable[..., Awaitable[tuple[RedisBroker, RecordingListener]]]
 
 
 @pytest.fixture
@@ -92,9 +66,9 @@ async def make_broker() -> AsyncIterator[MakeBroker]:
         wait: bool = True,
         history: HistorySettings | None = None,
         **settings: Any,
-    ) -> tuple[RedisBroker, Listener]:
+    ) -> tuple[RedisBroker, RecordingListener]:
         values = {"probe_interval": CALM_PROBE, "timeout": 2.0, **settings}
-        listener = Listener()
+        listener = RecordingListener()
         broker = RedisBroker(RedisSettings(urls=urls, **values), history or HistorySettings())
         await broker.start(listener)
         brokers.append(broker)
@@ -118,7 +92,7 @@ def posts_per_node(ring: Ring, per_node: int, prefix: str = "p") -> dict[str, li
     return found
 
 
-async def follow(broker: RedisBroker, listener: Listener, posts: Iterable[str]) -> None:
+async def follow(broker: RedisBroker, listener: RecordingListener, posts: Iterable[str]) -> None:
     """What the hub does for a first local subscriber."""
     for post in posts:
         await broker.subscribe(post)
@@ -486,7 +460,7 @@ async def test_a_subscribe_that_gives_up_while_the_server_is_up_is_not_lost(
     hub.on_stream_gap = record_gap  # type: ignore[method-assign]
     try:
         await hub.start()
-        await sender.start(Listener())
+        await sender.start(RecordingListener())
         node = broker.node(proxy.url)
         await wait_for(lambda: node.status()["state"] == "up", DEADLINE, "connected")
         proxy.reply_delay = 1.5
