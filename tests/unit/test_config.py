@@ -392,3 +392,42 @@ def test_bad_limits_and_auth_name_the_key(tmp_path: Path, text: str, key: str):
     with pytest.raises(ConfigError) as e:
         load_settings(path, environ={})
     assert str(e.value).startswith(key)
+
+
+def test_the_readme_limits_table_states_the_defaults_and_real_metrics():
+    """The README's table of limits is a promise: each default it names is the code's, and
+    each series it points to is one /metrics exports."""
+    from prometheus_client import REGISTRY  # noqa: PLC0415
+
+    import livecomments.metrics  # noqa: F401, PLC0415 (registers every series)
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("### Limits\n", 1)[1].split("\n### ", 1)[0]
+    rows = {
+        re.findall(r"`(\w+)`", line)[0]: line
+        for line in table.splitlines()
+        if line.startswith("| `")
+    }
+    limits = Settings().limits
+    expected = {
+        "comments_per_minute": (
+            f"{limits.comments_per_minute:g}/min, bursts of {limits.comments_burst}"
+        ),
+        "ws_per_ip": f"| {limits.ws_per_ip} |",
+        "ws_connects_per_ip_per_second": (
+            f"{limits.ws_connects_per_ip_per_second:g}/s, bursts of {limits.ws_connects_burst}"
+        ),
+        "frames_per_second": f"{limits.frames_per_second:g}/s, bursts of {limits.frames_burst}",
+        "max_connections": f"| {limits.max_connections:,} |",
+        "body_max_bytes": (
+            f"| {limits.body_max_bytes // 1024} KiB, {limits.ws_frame_max_bytes // 1024} KiB, "
+            f"{limits.message_max_chars}, {limits.posts_per_socket} |"
+        ),
+    }
+    assert set(rows) == set(expected)
+    for key, text in expected.items():
+        assert text in rows[key], (key, text, rows[key])
+    # A labelled series has no sample until a label is used: a counter's family is enough.
+    exported = {m.name + ("_total" if m.type == "counter" else "") for m in REGISTRY.collect()}
+    named = set(re.findall(r"`(livecomments_\w+)", table))
+    assert named and named <= exported, named - exported
