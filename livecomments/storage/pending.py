@@ -16,7 +16,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from livecomments.model.comment import Comment
 from livecomments.model.deletion import Deletion, is_deletion
@@ -83,12 +83,12 @@ class PendingRows:
         ids = itertools.islice(self._unstored, limit)
         return [_decode(self._payloads[i]) for i in ids]
 
-    def unappended(self, limit: int, skip: Iterable[int] = ()) -> list[Row]:
-        """Up to `limit` comments not appended to their stream yet, oldest first."""
-        parked = set(skip)
+    def unappended(self, limit: int, skip_posts: Collection[str] = ()) -> list[Row]:
+        """Up to `limit` comments not appended to their stream yet, oldest first, none of the
+        posts in `skip_posts` (whose shard is not answering: their comments wait, in order)."""
         rows: list[Row] = []
         for comment_id, post_id in self._unappended.items():
-            if comment_id not in parked:
+            if post_id not in skip_posts:
                 rows.append((comment_id, post_id, self._payloads[comment_id]))
                 if len(rows) == limit:
                     break

@@ -45,7 +45,9 @@ class StreamPublisher:
         self._queue = queue
         self._streams = streams
         self._on_unappended = on_unappended
-        self._parked: dict[int, float] = {}  # comment id -> loop time it may be tried again
+        # Post -> loop time its comments may be tried again. By post, not by comment: a later
+        # comment of the post (its deletion, say) must never be appended before an earlier one.
+        self._parked: dict[str, float] = {}
         self._announced: set[int] = set()  # shown with a null offset already
         self._wake = asyncio.Event()
         self.appended = 0
@@ -64,8 +66,8 @@ class StreamPublisher:
         while True:
             await rows.has_unappended.wait()
             now = loop.time()
-            waiting = [i for i, until in self._parked.items() if until > now]
-            batch = rows.unappended(APPEND_BATCH, skip=waiting)
+            waiting = {post for post, until in self._parked.items() if until > now}
+            batch = rows.unappended(APPEND_BATCH, skip_posts=waiting)
             if not batch:  # everything owed waits for its shard
                 self._wake.clear()
                 wake_at = min(self._parked.values(), default=now + PARK_CAP)
@@ -85,9 +87,10 @@ class StreamPublisher:
             if epochs:
                 backoff.reset()
                 self.appended += len(epochs)
-                for comment_id in epochs:
-                    self._parked.pop(comment_id, None)
-                    self._announced.discard(comment_id)
+                for entry in entries:
+                    if entry.comment_id in epochs:
+                        self._parked.pop(entry.post_id, None)
+                        self._announced.discard(entry.comment_id)
                 await self._queue.mark_appended(epochs)
             failed = [e for e, p in zip(entries, positions, strict=True) if p is None]
             if failed:
@@ -97,7 +100,7 @@ class StreamPublisher:
         self.append_failures += len(entries)
         metrics.OUTBOX_APPEND_FAILURES.inc(len(entries))
         for entry in entries:
-            self._parked[entry.comment_id] = until
+            self._parked[entry.post_id] = until
             if entry.comment_id not in self._announced and entry.kind == COMMENT:
                 self._announced.add(entry.comment_id)
                 self._on_unappended(entry.post_id, entry.body)
@@ -125,7 +128,7 @@ class StreamPublisher:
     def status(self) -> dict[str, object]:
         return {
             "unappended": self._queue.rows.unappended_count(),
-            "waiting_for_shard": len(self._parked),
+            "waiting_for_shard": len(self._parked),  # posts
             "appended": self.appended,
             "append_failures": self.append_failures,
         }
