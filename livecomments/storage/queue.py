@@ -75,6 +75,7 @@ class WriteAheadQueue:
         self._file = QueueFile(self._dir)
         self._waiting: deque[_Waiter] = deque()
         self._waiting_bytes = 0
+        self._committing_bytes = 0  # the group being fsync'd now
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.rows = PendingRows()
@@ -149,7 +150,8 @@ class WriteAheadQueue:
         if self.write_error is not None:
             raise QueueWriteFailed(self.write_error)
         payload = comment.encode()
-        if self.rows.bytes + self._waiting_bytes + len(payload) > self._max_bytes:
+        held = self.rows.bytes + self._waiting_bytes + self._committing_bytes
+        if held + len(payload) > self._max_bytes:
             self.refusing = True
             raise QueueFull(f"write-ahead queue holds {self.rows.bytes} bytes unflushed")
         waiter = _Waiter(comment, payload, asyncio.get_running_loop().create_future())
@@ -168,8 +170,12 @@ class WriteAheadQueue:
             self._wake.clear()
             while self._waiting:
                 group = [self._waiting.popleft() for _ in range(min(MAX_GROUP, len(self._waiting)))]
-                self._waiting_bytes -= sum(len(w.payload) for w in group)
+                size = sum(len(w.payload) for w in group)
+                self._waiting_bytes -= size
                 rows = [(w.comment.id, w.comment.post_id, w.payload) for w in group]
+                # In flight: in neither the waiting list nor the rows, yet in the file once the
+                # commit returns; counted, so no limit and no repair overlooks it.
+                self._committing_bytes += size
                 try:
                     await loop.run_in_executor(self._executor, self._file.commit, rows)
                 except Exception as e:  # disk full, I/O error: refuse these, keep serving
@@ -178,6 +184,8 @@ class WriteAheadQueue:
                         if not w.future.done():
                             w.future.set_exception(QueueWriteFailed(self.write_error or str(e)))
                     continue
+                finally:
+                    self._committing_bytes -= size
                 self.commits += 1
                 for row, w in zip(rows, group, strict=True):
                     self.rows.add(row)
@@ -243,7 +251,7 @@ class WriteAheadQueue:
             await asyncio.sleep(REPAIR_INTERVAL)
             unwritten = list(self._unwritten)
             try:
-                if len(self.rows) or self._waiting:
+                if len(self.rows) or self._waiting or self._committing_bytes:
                     await loop.run_in_executor(self._executor, self._file.repair, unwritten)
                 else:
                     # Every comment in the file is stored and appended: the file itself may be

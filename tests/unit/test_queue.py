@@ -15,6 +15,7 @@ from livecomments.model.deletion import Deletion
 from livecomments.storage import queue_file as queue_module
 from livecomments.storage.queue import QUEUE_FILE, QueueFull, QueueUnusable, WriteAheadQueue
 from tests.support.mounts import remount, tmpfs
+from tests.support.wait import wait_for
 
 
 def comment(i: int, post: str = "p") -> Comment:
@@ -251,3 +252,39 @@ async def test_a_read_only_directory_is_a_permission_message_not_damage(tmp_path
         with pytest.raises(QueueUnusable, match=r"read-only|not writable"):
             await open_queue(mount)
         assert not list(mount.glob("*corrupt*"))
+
+
+async def test_a_repair_never_resets_the_file_under_a_commit_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The queue is refusing (a write failed) while a group it took before is being fsync'd:
+    that group is in neither the waiting list nor the rows, and a repair that judged the file
+    empty would reset it right after the commit, losing acknowledged comments on a crash."""
+    import threading  # noqa: PLC0415
+
+    from livecomments.storage import queue as queue_mod  # noqa: PLC0415
+
+    monkeypatch.setattr(queue_mod, "REPAIR_INTERVAL", 0.01)
+    q = await open_queue(tmp_path)
+    gate, entered = threading.Event(), threading.Event()
+    commit = q._file.commit
+
+    def held_commit(rows: list[tuple[int, str, bytes]]) -> None:
+        entered.set()
+        assert gate.wait(10)
+        commit(rows)
+
+    monkeypatch.setattr(q._file, "commit", held_commit)
+    accepted = asyncio.create_task(q.enqueue(comment(1)))
+    await asyncio.to_thread(entered.wait, 10)
+    q._cannot_write("a test", OSError("no space"))
+    await asyncio.sleep(0.1)  # the repairer has looked (and queued its work behind the commit)
+    gate.set()
+    await accepted
+    await wait_for(lambda: q.write_error is None, 10.0, "the repair")
+    await q.close()
+    reopened = await open_queue(tmp_path)
+    try:
+        assert reopened.depth == 1
+    finally:
+        await reopened.close()
