@@ -69,7 +69,9 @@ def _same_origin(origin: str, host: str) -> bool:
         url = urlsplit(origin)
         origin_port = url.port or _DEFAULT_PORTS.get(url.scheme)
         here = urlsplit("//" + host)
-        here_port = here.port or origin_port
+        # A Host without a port names the scheme's default, not whatever the Origin says: a
+        # page on another port of this host is another origin.
+        here_port = here.port or _DEFAULT_PORTS.get(url.scheme)
     except ValueError:
         return False
     return bool(url.hostname) and (url.hostname, origin_port) == (here.hostname, here_port)

@@ -51,6 +51,9 @@ def test_the_client_is_the_first_untrusted_hop_from_the_right(peer, forwarded, c
         ([], "http://here.example:8080", "here.example:8080", True),
         ([], "https://here.example", "here.example:443", True),
         ([], "https://evil.example", "here.example", False),
+        # Another port of this host is another origin (a Host without a port is the default's).
+        ([], "http://here.example:8081", "here.example", False),
+        ([], "https://here.example:8443", "here.example:443", False),
         ([], "https://here.example.evil.example", "here.example", False),
         ([], "null", "here.example", False),
         ([], "http://[", "here.example", False),  # urlsplit raises on it: was a plain-text 500
