@@ -142,8 +142,15 @@ async def _read_multipart(request: web.Request, within: float) -> Mapping[str, s
         ) from None
     except web.HTTPRequestEntityTooLarge:
         raise
-    except (ValueError, LookupError, AssertionError, RequestPayloadError, HttpProcessingError) as e:
-        # aiohttp's multipart reader asserts, raises ValueError or its header parser's errors on
-        # malformed input.
+    except (
+        ValueError,
+        LookupError,
+        AssertionError,
+        RuntimeError,
+        RequestPayloadError,
+        HttpProcessingError,
+    ) as e:
+        # aiohttp's multipart reader asserts, raises ValueError, RuntimeError (an unknown
+        # Content-Transfer-Encoding) or its header parser's errors on malformed input.
         raise invalid("body", f"is not a valid multipart form: {str(e)[:80]}") from None
     return {k: v for k, v in form.items() if isinstance(v, str)}

@@ -55,7 +55,7 @@ def parse_jwks(body: bytes, algorithms: Sequence[str]) -> list[jwt.PyJWK]:
             continue
         try:
             key = jwt.PyJWK(jwk)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as e:
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             # One key we cannot use (an unknown kty or curve) must not cost us the others.
             log.debug("jwks: skipped key %r: %s", jwk.get("kid"), e)
             continue

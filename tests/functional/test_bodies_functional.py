@@ -104,6 +104,13 @@ async def test_a_gzip_bomb_is_413_after_decompressing_at_most_the_limit(server, 
         ("multipart/form-data", b"garbage", 400, "invalid_request"),
         ("multipart/form-data; boundary=zzz", b"garbage", 400, "invalid_request"),
         ("multipart/form-data; boundary=zzz", b"--zzz\r\nbroken", 400, "invalid_request"),
+        (  # aiohttp raises RuntimeError on an unknown transfer encoding: was a 500
+            "multipart/form-data; boundary=zzz",
+            b'--zzz\r\nContent-Disposition: form-data; name="message"\r\n'
+            b"Content-Transfer-Encoding: x-foo\r\n\r\nhi\r\n--zzz--\r\n",
+            400,
+            "invalid_request",
+        ),
     ],
 )
 async def test_malformed_forms_are_400_or_415(

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from livecomments.api.delete import FIND_WAIT
+from livecomments.model.ids import EPOCH_MS, INSTANCE_BITS, SEQUENCE_BITS
 from tests.support.recording import Socket, listed, post
 from tests.support.redis_servers import RedisServer, redis_servers
 from tests.support.server import ServerProcess
@@ -52,6 +53,13 @@ async def test_delete_answers_every_wrong_request_with_a_clear_4xx(start_server,
     # guessing ids must not cost a second of lookups each).
     started = time.monotonic()
     assert (await delete(http, server, "12345", post_id="p", uid="u"))[0] == 404
+    assert time.monotonic() - started < FIND_WAIT
+    # Nor can an id from the future (its timestamp is the client's to choose), whatever
+    # instance its bits name.
+    future_ms = int(time.time() * 1000) + 3_600_000 - EPOCH_MS
+    from_the_future = (future_ms << (INSTANCE_BITS + SEQUENCE_BITS)) | (1023 << SEQUENCE_BITS)
+    started = time.monotonic()
+    assert (await delete(http, server, str(from_the_future), post_id="p", uid="u"))[0] == 404
     assert time.monotonic() - started < FIND_WAIT
 
 
