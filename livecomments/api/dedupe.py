@@ -69,9 +69,13 @@ class RecentRequests:
         attempt.future.set_result(comment_json)
         attempt.size = len(comment_json) + ENTRY_OVERHEAD
         self._bytes += attempt.size
-        while self._bytes > self._max_bytes and self._seen:
-            _, oldest = self._seen.popitem(last=False)
-            self._bytes -= oldest.size
+        while self._bytes > self._max_bytes:
+            # The oldest settled one: an attempt still committing stays, or its retries would
+            # wait on a future nobody settles, and a third attempt would store it twice.
+            oldest = next((k for k, a in self._seen.items() if a.future.done()), None)
+            if oldest is None:
+                break
+            self._bytes -= self._seen.pop(oldest).size
 
     def forget(self, key: Key, error: ApiError) -> None:
         """The attempt failed: waiting retries get `error`, later ones may try afresh."""

@@ -52,3 +52,16 @@ async def test_a_failed_attempt_fails_its_waiting_retry_and_frees_the_id():
     with pytest.raises(ApiError):
         await waiting
     assert recent.claim(("u", "1"), draft()) is None
+
+
+async def test_an_attempt_still_committing_is_never_evicted():
+    """The window fills while the first attempt commits: its retry still gets its comment, and
+    a later retry does not become a second comment."""
+    recent = RecentRequests(max_bytes=0)  # every settled comment overflows it at once
+    assert recent.claim(("u", "slow"), draft(message="slow")) is None
+    retry = recent.claim(("u", "slow"), draft(message="slow"))
+    assert retry is not None
+    assert recent.claim(("u", "fast"), draft(message="fast")) is None
+    recent.settle(("u", "fast"), b'{"id":"2"}')  # overflows: evicts what it may
+    recent.settle(("u", "slow"), b'{"id":"1"}')
+    assert retry.done() and retry.result() == b'{"id":"1"}'
