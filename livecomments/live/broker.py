@@ -196,7 +196,9 @@ class MemoryBroker:
         self._trim(stream)
         position = Position(stream.epoch, stream.offset)
         if since is None or since.epoch != stream.epoch or since.offset >= stream.offset:
-            return History(position, complete=since is None or since.epoch == stream.epoch)
+            # Complete: nothing to replay, or a position this epoch never reached (lost).
+            same = since is None or (since.epoch == stream.epoch and since.offset == stream.offset)
+            return History(position, complete=same)
         held = [p for _, p, _ in stream.history if p.offset > since.offset]
         complete = bool(held) and held[0].offset == since.offset + 1
         if limit:

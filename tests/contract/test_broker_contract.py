@@ -123,6 +123,17 @@ async def test_history_says_so_when_it_cannot_replay(brokers: list[Broker]):
     assert not other.complete and other.position.epoch == epoch
 
 
+async def test_a_position_past_the_streams_end_is_not_complete(brokers: list[Broker]):
+    """A viewer holding an offset its epoch never reached (the shard lost offsets: a restored
+    snapshot): the offsets will be given again to other comments, so it must reload."""
+    await started(brokers, [])
+    positions = await brokers[0].append([entry(i) for i in range(1, 4)])
+    epoch = positions[0].epoch if positions[0] else ""
+    ahead = await brokers[-1].history("p", Position(epoch, 7), 100)
+    assert not ahead.complete and ahead.publications == []
+    assert ahead.position == Position(epoch, 3)
+
+
 async def test_a_new_post_has_a_position_before_its_first_comment(brokers: list[Broker]):
     await started(brokers, [])
     empty = await brokers[0].history("fresh", None, 10)
@@ -184,6 +195,10 @@ async def test_a_deletion_takes_its_offset_and_leaves_the_recent_windows_full(
     assert [p.offset for p in positions if p] == [11, 12, 13, 14, 15]
     again = await brokers[0].append(deletions[:1])  # the outbox repeating itself
     assert [p.offset for p in again if p] == [11]
+    # ... and the deleted comment's own append, repeated: it must not come back.
+    (comment_again,) = await brokers[-1].append([entry(2)])
+    assert comment_again is not None and comment_again.epoch == positions[0].epoch
+    assert comment_again.offset <= 15, comment_again  # no new offset: nothing published
     for recorder in recorders:
         await wait_for(lambda r=recorder: len(r.offsets("p")) == 15, DEADLINE, "15 offsets")
         assert recorder.offsets("p") == list(range(1, 16))

@@ -11,8 +11,9 @@ Per post, on its shard (TTLs refreshed by every write; positions outlive histori
   that GET on every instance stops listing a comment as soon as its deletion is published,
   before any database has the tombstone. Trimmed to `history.size`. TTL `history.ttl`.
 
-APPEND is one atomic step per comment: if its id is in `:i` it returns the offset it got then and
-publishes nothing (the outbox may repeat an append after a crash); otherwise it creates the
+APPEND is one atomic step per comment: if its id is in `:i` (or, deleted, in `:x`) it returns the
+offset it got then (its deletion's) and publishes nothing (the outbox may repeat an append after
+a crash); otherwise it creates the
 position if there is none (a new epoch, given by the caller: a fresh random string), takes the
 next offset, adds the entry and the index row, trims both, and PUBLISHes the envelope
 (envelope.py) on the post's channel. HISTORY creates the position too, so the first viewer of a
@@ -33,6 +34,14 @@ if epoch then
   local found = redis.call('ZRANGEBYLEX', i, '[' .. id .. ':', '[' .. id .. ';', 'LIMIT', 0, 1)
   if found[1] then
     return {epoch, tonumber(string.sub(found[1], 22)), 0}
+  end
+  if kind == 'c' then
+    -- Its deletion took its index row: a repeated append must not bring it back. (Compared
+    -- as text: a snowflake is past 2^53, which Lua's numbers would round.)
+    local gone = redis.call('ZSCORE', x, (string.gsub(id, '^0+', '')))
+    if gone then
+      return {epoch, tonumber(gone), 0}
+    end
   end
 else
   epoch = candidate
@@ -61,6 +70,7 @@ if held > size then
 end
 redis.call('PEXPIRE', s, ttl)
 redis.call('PEXPIRE', i, ttl)
+redis.call('PEXPIRE', x, ttl)
 redis.call('PEXPIRE', m, meta_ttl)
 redis.call('PUBLISH', channel, '2' .. epoch .. kind .. offset .. '|' .. body)
 return {epoch, offset, 1}
@@ -80,8 +90,13 @@ if not epoch then
 end
 redis.call('PEXPIRE', m, meta_ttl)
 local offset = tonumber(redis.call('HGET', m, 'offset'))
-if since < 0 or since >= offset then
+if since < 0 or since == offset then
   return {epoch, offset, 1, {}}
+end
+if since > offset then
+  -- Past the stream's end in its own epoch: the shard lost offsets it gave (a restored
+  -- snapshot, a promoted replica): the offsets will be given again, to other comments.
+  return {epoch, offset, 0, {}}
 end
 local entries = redis.call('XRANGE', s, (since + 1) .. '-0', '+', 'COUNT', limit)
 local first = entries[1]
