@@ -27,15 +27,19 @@ class Deletion:
     by: str  # who: a uid, "moderator:<uid>" or "server"
 
     def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "delete": str(self.target),
-                "id": str(self.id),
-                "post_id": self.post_id,
-                "deleted_at": self.deleted_at,
-                "by": self.by,
-            }
-        )
+        # Copied, as Comment.encode does: orjson's bytes keep its whole output buffer, and
+        # the queue holds these until they are stored and appended.
+        return memoryview(
+            orjson.dumps(
+                {
+                    "delete": str(self.target),
+                    "id": str(self.id),
+                    "post_id": self.post_id,
+                    "deleted_at": self.deleted_at,
+                    "by": self.by,
+                }
+            )
+        ).tobytes()
 
     @classmethod
     def decode(cls, payload: bytes) -> Deletion:

@@ -22,7 +22,7 @@ sharing a SQLite file or many sharing PostgreSQL. The expiry is on the store's c
   lapsed meanwhile and another instance took the id, the instance refuses new comments
   (503 `instance_id_conflict`, /readyz not ready) until the id is free again, rather than mint
   ids that may collide. Comments minted in such a window that do collide are caught when stored
-  (store.Comments counts them, logs each whole, and /readyz says so).
+  (DurableLog counts them, logs each whole, and /readyz says so).
 """
 
 from __future__ import annotations

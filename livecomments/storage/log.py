@@ -126,7 +126,8 @@ class DurableLog:
         merged.update((c.id, c) for c in queued)
         # What the database lists has no tombstone; what it does not list (another instance's
         # history, our queue) may have one: a deletion flushed before its comment.
-        unlisted = [i for i in merged if i not in {c.id for c in stored}]
+        listed = {c.id for c in stored}
+        unlisted = [i for i in merged if i not in listed]
         if unlisted:
             try:
                 gone |= await self.store.deleted_among(query.post_id, unlisted)

@@ -17,7 +17,7 @@ What it guarantees, and how:
   comments.
 * Nothing here waits without a deadline. Connecting gives up after `connect_timeout`, every
   statement after `command_timeout`, taking a pooled connection after `command_timeout` too. A
-  database that is down or hung therefore raises promptly, and `store.Comments` turns that into
+  database that is down or hung therefore raises promptly, and `DurableLog` (log.py) turns that into
   "keep it queued, retry" for the flusher and `StoreUnavailable` (503) for readers.
 * The pool survives the server restarting: asyncpg drops a connection it finds closed and opens a
   fresh one when it is next acquired. The pool keeps no minimum of open connections, so during an

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from livecomments.model.comment import Comment
+from livecomments.model.deletion import Deletion, is_deletion
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,8 @@ class QueueFile:
                 for row in db.execute(
                     f"SELECT id, post_id, payload FROM queue ORDER BY id {order}"
                 ):
-                    try:
-                        Comment.decode(row[2])
+                    try:  # a deletion is a row too: it must survive a salvage like a comment
+                        (Deletion if is_deletion(row[2]) else Comment).decode(row[2])
                     except Exception:  # a row that no longer decodes: skip it, keep the rest
                         continue
                     rows[row[0]] = row

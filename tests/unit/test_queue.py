@@ -205,6 +205,27 @@ async def test_a_damaged_page_salvages_readable_rows(tmp_path: Path, caplog):
     assert ids == sorted(ids)
 
 
+async def test_a_salvage_keeps_the_deletions_too(tmp_path: Path, caplog):
+    """A damaged file's readable rows are kept, deletions as well as comments (a deletion does
+    not decode as a comment: it was once skipped as damage, and the comment came back)."""
+    q = await open_queue(tmp_path)
+    for i in range(1, 2001):
+        await q.enqueue(comment(i, post=f"post-{i}"))
+    for i in range(3001, 3011):
+        await q.enqueue(Deletion(i, f"post-{i - 3000}", i - 3000, 1, "u"))
+    await q.close()
+    path = tmp_path / QUEUE_FILE
+    data = bytearray(path.read_bytes())
+    data[4096 * 20 : 4096 * 20 + 200] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+
+    q = await open_queue(tmp_path)
+    ids = [c.id for c in q.rows.unstored(10_000)]
+    await q.close()
+    assert "integrity check" in caplog.text
+    assert set(range(3001, 3011)) <= set(ids)
+
+
 # -- what is not damage: another process, a lock, a read-only directory ------------------------
 
 
