@@ -145,8 +145,10 @@ class Hub:
     async def _follow(self, post_id: str) -> PostStream:
         """The post's stream, followed by the broker (or to be, once it is back)."""
         stream = self._streams.get(post_id)
-        if stream is not None and stream.followed:
+        if stream is not None and stream.followed and stream.position is not None:
             return stream
+        # Not followed yet, or its first fill (its position) is still under way: wait for the
+        # lock, so a joiner meanwhile recovers instead of being told to reload for nothing.
         async with self._locks.hold(post_id):
             stream = self._streams.setdefault(post_id, PostStream(post_id))
             if stream.followed:
@@ -210,6 +212,9 @@ class Hub:
                 metrics.FANOUT_SECONDS.observe(time.perf_counter() - started)
                 return
         stream.wait(publication)
+        if stream.filling:
+            stream.refill = True  # what _fill would do: no task per publication meanwhile
+            return
         self._spawn(self._fill(stream))
 
     def on_stream_gap(self, post_ids: Iterable[str]) -> None:

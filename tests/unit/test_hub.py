@@ -275,6 +275,26 @@ async def test_a_viewer_with_a_position_is_replayed_what_it_missed_then_joins_li
     assert back.offsets() == [3, 4, 5, 6, 7]  # nothing missed, nothing twice
 
 
+async def test_a_viewer_joining_during_the_posts_first_fill_still_recovers():
+    """The first viewer of a post on this node is waiting for the post's position (its first
+    fill); a second one, back from another node with a position, joins meanwhile: it must be
+    replayed what it missed, not told to reload for nothing."""
+    hub, broker = await started_hub()
+    for i in range(5):
+        broker.publish("p", f"m{i}")
+    broker.history_gate.clear()  # the first fill is slow
+    first = asyncio.create_task(hub.subscribe(FakeSocket(), "p", None))
+    await settle()
+    back = FakeSocket()
+    joining = asyncio.create_task(hub.subscribe(back, "p", Position("e1", 3)))
+    await settle()
+    broker.history_gate.set()
+    await asyncio.wait_for(asyncio.gather(first, joining), 5)
+    assert back.events()[0]["recovered"] is True, back.events()
+    assert back.offsets() == [4, 5]
+    assert [e["type"] for e in back.events()].count("reset") == 0
+
+
 async def test_a_position_of_another_epoch_or_beyond_the_history_is_not_recovered():
     hub, broker = await started_hub()
     await hub.subscribe(FakeSocket(), "p", None)
