@@ -34,6 +34,7 @@ from livecomments.live.broker import BrokerUnavailable, History, StreamListener
 from livecomments.live.hub import Hub
 from livecomments.live.redis import streams, sweep
 from livecomments.live.redis.broker import RedisBroker
+from livecomments.live.redis.client import COMMAND_CONNECTIONS
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, ShardUnavailable
 from livecomments.live.redis.ring import Ring
 from livecomments.model.stream import COMMENT, DELETE, Entry, Position, Publication
@@ -302,6 +303,21 @@ async def test_recent_returns_a_get_window_by_comment_id(
     assert await window(10, 50, 10) == [b"c20", b"c30", b"c40"]
     assert await window(50, None, 10) == []
     assert await broker.recent("nothing-here", None, None, 10) == []
+
+
+async def test_a_burst_of_reads_shares_a_bounded_set_of_connections(
+    redis_nodes: RedisServers, make_broker: MakeBroker
+):
+    """500 GET windows at once (a hostile client's burst) must not open 500 connections to the
+    shard: Redis's maxclients is shared by every instance. They wait for one, and all answer."""
+    (server,) = redis_nodes.start(1)
+    broker, _ = await make_broker([server.url])
+    await broker.append([comment(i, "w") for i in range(1, 6)])
+    windows = await asyncio.gather(*(broker.recent("w", None, None, 3) for _ in range(500)))
+    assert all(len(w) == 3 for w in windows)
+    clients = server.command("CLIENT", "LIST").decode().splitlines()
+    commands = [c for c in clients if ":cmd" in c]
+    assert 0 < len(commands) <= COMMAND_CONNECTIONS, len(commands)
 
 
 # -- bugs downstream and upstream ---------------------------------------------------------------

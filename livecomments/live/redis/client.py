@@ -14,9 +14,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+# Command connections per shard, at most: appends, history reads and every concurrent GET's
+# window share them (a burst of GETs waits for one, within `redis.timeout`, instead of opening a
+# socket each: Redis's maxclients is shared by every instance).
+COMMAND_CONNECTIONS = 64
+
+
+def command_client(url: str, name: str) -> Redis:
+    """A shard's command client: a bounded, blocking pool (its waits are bounded by our own
+    timeouts around every operation). Its `aclose()` closes the pool too."""
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=COMMAND_CONNECTIONS, timeout=None, **connection_kwargs(name)
+    )
+    client = Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def connection_kwargs(name: str) -> dict[str, Any]:

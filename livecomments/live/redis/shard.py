@@ -1,7 +1,7 @@
 """One Redis server (a shard) as this node sees it: the streams it keeps and what it publishes.
 
-A `RedisShard` owns two connections to its server: the Pub/Sub session (pubsub.py: the posts
-followed there, the reader, the liveness probe) and an ordinary one for the stream scripts
+A `RedisShard` talks to its server over the Pub/Sub session (pubsub.py: the posts followed
+there, the reader, the liveness probe) and a bounded pool of command connections for the scripts
 (streams.py): APPEND (the outbox's comments, pipelined), HISTORY and RECENT. Each is preceded,
 in one pipeline, by sweep.py's DROP_STALE for a post that a ring change moved here, until that
 change is swept (`stale_after`: the guard against continuing a position from the post's earlier
@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import ConnectionPool
 from redis.commands.core import AsyncScript
@@ -40,7 +39,7 @@ from livecomments.live.broker import (
     StreamListener,
 )
 from livecomments.live.redis import envelope, streams, sweep
-from livecomments.live.redis.client import connection_kwargs
+from livecomments.live.redis.client import command_client, connection_kwargs
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, PubSubSession, ShardUnavailable
 from livecomments.urls import redact_url
 
@@ -70,7 +69,7 @@ class RedisShard:
         self._pool = ConnectionPool.from_url(
             url, **connection_kwargs(f"livecomments:{node_id}:sub")
         )
-        self._client = Redis.from_url(url, **connection_kwargs(f"livecomments:{node_id}:cmd"))
+        self._client = command_client(url, f"livecomments:{node_id}:cmd")
         self._append = self._client.register_script(streams.APPEND)
         self._read_history = self._client.register_script(streams.HISTORY)
         self._read_recent = self._client.register_script(streams.RECENT)
