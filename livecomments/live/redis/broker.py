@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
@@ -34,7 +34,6 @@ from livecomments.live.broker import (
     StreamListener,
 )
 from livecomments.live.redis.client import connection_kwargs
-from livecomments.live.redis.pubsub import post_of
 from livecomments.live.redis.ring import Ring
 from livecomments.live.redis.shard import RedisShard
 from livecomments.live.redis.sweep import RingSweeper
@@ -189,8 +188,9 @@ class RedisBroker:
         self._listener.on_stream_gap(moved)
         retired = [url for url in self._shards if url not in new_ring.urls]
         for url in retired:
-            shard = self._shards.pop(url)
-            await shard.stop()
+            # Popped once stopped: a stop cancelled halfway is still found by `stop()`.
+            await self._shards[url].stop()
+            del self._shards[url]
         if retired:
             log.info("redis: retired %s", [redact_url(u) for u in retired])
 
@@ -202,6 +202,3 @@ class RedisBroker:
 
     def node(self, url: str) -> RedisShard:
         return self._shards[url]
-
-    def posts_on(self, url: str) -> Iterable[str]:
-        return (post_of(c) for c in self._shards[url].pubsub.post_channels())

@@ -12,6 +12,7 @@ hide a failure the outbox must see.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -47,13 +48,14 @@ def connection_kwargs(name: str) -> dict[str, Any]:
     }
 
 
-async def close_fully(client: Redis) -> None:
-    """Close `client` and its pool even if this task is cancelled meanwhile (then re-raise).
+async def close_fully(close: Callable[[], Awaitable[object]]) -> None:
+    """Run `close` (a client's or a pool's `aclose`) to its end even if this task is cancelled
+    meanwhile (then re-raise).
 
     A cancel that lands while redis-py closes its pool stops it before it closed the sockets,
     and they stay open until the garbage collector finds them: seen when a ring change cancelled
     a sweep that was closing its connection after an error or its timeout."""
-    closing = asyncio.ensure_future(client.aclose())
+    closing = asyncio.ensure_future(close())
     cancelled = False
     while not closing.done():
         try:

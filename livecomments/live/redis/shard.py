@@ -39,7 +39,7 @@ from livecomments.live.broker import (
     StreamListener,
 )
 from livecomments.live.redis import envelope, streams, sweep
-from livecomments.live.redis.client import command_client, connection_kwargs
+from livecomments.live.redis.client import close_fully, command_client, connection_kwargs
 from livecomments.live.redis.pubsub import CHANNEL_PREFIX, PubSubSession, ShardUnavailable
 from livecomments.urls import redact_url
 
@@ -102,8 +102,9 @@ class RedisShard:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.pubsub.fail_waiters(ShardUnavailable(f"redis {self.name}: stopped"))
-        await self._client.aclose()
-        await self._pool.aclose()
+        # A reload cancelled at shutdown must not leave these sockets open (client.py).
+        await close_fully(self._client.aclose)
+        await close_fully(self._pool.aclose)
 
     def configure(self, settings: RedisSettings) -> None:
         """A reload: probe_interval and timeout apply from their next use."""

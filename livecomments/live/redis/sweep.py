@@ -359,7 +359,7 @@ class RingSweeper:
                     return
                 await asyncio.sleep(self.pause)
         finally:
-            await close_fully(client)
+            await close_fully(client.aclose)
 
     async def _drop(
         self,
